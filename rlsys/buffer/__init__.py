@@ -1,0 +1,1 @@
+"""The streaming buffer between rollout and trainer."""

@@ -1,0 +1,60 @@
+"""`rlsys` command line: `rlsys train RECIPE [key=value ...]`.
+
+User mistakes (bad recipe, bad override, missing file) print one `error:` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlsys import __version__
+from rlsys.config import ConfigError, load_recipe, to_yaml
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlsys",
+        description="RL post-training for language models (GRPO on Ray actors).",
+        epilog="Example: rlsys train recipes/quickstart.yaml steps=10 trainer.lr=1e-5",
+    )
+    p.add_argument("--version", action="version", version=f"rlsys {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser(
+        "train",
+        help="train a policy from a YAML recipe",
+        description="Train a policy from a YAML recipe; key=value overrides apply on top "
+        "(dotted keys, e.g. rollout.temperature=0.8).",
+    )
+    t.add_argument("recipe", help="path to a recipe .yaml")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    t.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return EXIT_USER_ERROR
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from rlsys.controller import train
+
+        train(cfg, args.recipe)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

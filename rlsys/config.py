@@ -1,0 +1,336 @@
+"""Recipe schema and loading.
+
+A recipe is a YAML file mirroring `RecipeConfig`; `key=value` overrides apply on top, then
+OmegaConf interpolations (`${rollout.max_new_tokens}`) are resolved and every value is checked.
+Every user mistake raises `ConfigError` with a message that names the key and the fix; the CLI
+turns it into exit code 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A recipe or override the user must fix. Printed without a traceback, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"
+    """Zoo name (`smollm2-135m-instruct`, `tiny-llama`) or a local Hugging Face folder."""
+    dtype: str = "float32"
+    """Trainer parameter dtype: float32 | bfloat16."""
+
+
+@dataclass
+class DataConfig:
+    task: str | None = "arithmetic"
+    """Built-in task (`arithmetic`); null to read prompts from `path`."""
+    path: str | None = None
+    """Local JSONL or Parquet file with a `prompt` field (string or chat messages)."""
+    eval_path: str | None = None
+    """Optional held-out file in the same format."""
+    prompt_key: str = "prompt"
+    """Name of the prompt field in `path`."""
+    system_prompt: str | None = None
+    """Prepended as a system message when a prompt is a plain string."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (after the chat template) are an error."""
+    num_train: int = 2000
+    """Built-in task: size of the training split."""
+    num_eval: int = 200
+    """Built-in task: size of the held-out split."""
+    task_args: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the built-in task (e.g. `max_operand`)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """Generation backend: `hf` (batched transformers generate)."""
+    prompts_per_step: int = 8
+    """Prompt groups per training step."""
+    n_samples_per_prompt: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    max_new_tokens: int = 32
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer scores tokens under the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold in (0, 1]."""
+    dtype: str = "float32"
+    """Rollout model dtype: float32 | bfloat16."""
+    workers: int = 1
+    """Number of rollout worker actors."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    """Policy-gradient method: grpo."""
+    norm_adv_by_std: bool = True
+    """Divide group-centred rewards by the group std (off = Dr.GRPO)."""
+    clip_low: float = 0.2
+    """PPO ratio clip below: ratio >= 1 - clip_low."""
+    clip_high: float = 0.2
+    """PPO ratio clip above: ratio <= 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum."""
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch (PPO-style reuse; 1 = strictly on-policy)."""
+    micro_batch_size: int = 16
+    """Samples per forward/backward; gradients accumulate over micro-batches."""
+    autocast_bf16: bool = True
+    """Run forward/backward matmuls in bfloat16 autocast (fp32 master weights)."""
+    ranks: int = 1
+    """Trainer actors (one here; DeepSpeed data parallel comes with the sharded trainer)."""
+
+
+@dataclass
+class RewardConfig:
+    fn: str | None = None
+    """`pkg.module:fn` or `path/to/file.py:fn`; null uses the built-in task's verifier."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to `fn` on every call."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline | online | disabled."""
+    project: str = "rlsys"
+    """W&B project name."""
+    name: str | None = None
+    """Run name; defaults to the run folder's name."""
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None
+    """Run folder; default `runs/<recipe>-<timestamp>`."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    plot: bool = True
+    """Write `plot.png` (reward and loss per step) at the end."""
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None
+    """Ray address of an existing cluster; null = `RAY_ADDRESS` or a local Ray."""
+    num_cpus: int | None = None
+    """CPUs Ray may schedule on a local start; null = what this machine has (at least 2)."""
+    threads_per_actor: int | None = None
+    """torch threads in each compute actor; null = all cores (roles take turns on-policy)."""
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "rlsys"
+    """Run name; the run folder and W&B run are named after it."""
+    seed: int = 0
+    """Seed for data, sampling and initialisation."""
+    steps: int = 20
+    """Training steps (one rollout batch and one policy update each)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _check_keys(data: Any, schema: type, prefix: str = "") -> None:
+    """Reject keys that the schema does not have, suggesting the closest valid one."""
+    if not isinstance(data, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            valid = sorted(fields)
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{full}'.{hint} Valid keys here: {', '.join(valid)}.")
+        sub = _dataclass_type(fields[key])
+        if sub is not None:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"'{full}' must be a mapping of {sub.__name__} fields")
+            _check_keys(value, sub, f"{full}.")
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    default = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+    if default is not None:
+        obj = default()
+        if dataclasses.is_dataclass(obj):
+            return type(obj)
+    return None
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. trainer.lr=1e-5)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load a YAML recipe (or the defaults when `path` is None), apply `key=value` overrides,
+    resolve interpolations and validate. Raises `ConfigError` on any user mistake."""
+    layers: list[dict] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p} (pass a path to a .yaml recipe)")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(p))
+        except Exception as e:  # yaml.YAMLError and OmegaConf errors alike
+            raise ConfigError(f"cannot parse {p}: {e}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+        layers.append(raw)
+    layers.append(_parse_overrides(list(overrides or [])))
+    for layer in layers:
+        _check_keys(layer, RecipeConfig)
+    base = OmegaConf.structured(RecipeConfig)
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        OmegaConf.resolve(merged)
+        cfg: RecipeConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).split("\n")[0]
+        raise ConfigError(f"bad value for '{key}': {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RecipeConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> RecipeConfig:
+    merged: DictConfig = OmegaConf.merge(OmegaConf.structured(RecipeConfig), d)  # type: ignore[assignment]
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+ALGORITHMS = ("grpo",)
+ENGINES = ("hf",)
+DTYPES = ("float32", "bfloat16")
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}.{hint}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} must be {need}, got {value}")
+
+
+def validate(cfg: RecipeConfig) -> None:
+    """Range and consistency checks that the type system cannot express."""
+    from rlsys.models import ZOO  # local: models imports heavy libraries lazily
+
+    _choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
+    _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, LOSS_AGG)
+    _choice("rollout.engine", cfg.rollout.engine, ENGINES)
+    _choice("rollout.dtype", cfg.rollout.dtype, DTYPES)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
+    _positive("steps", cfg.steps)
+    _positive("trainer.lr", cfg.trainer.lr)
+    _positive("trainer.weight_decay", cfg.trainer.weight_decay, allow_zero=True)
+    _positive("trainer.grad_clip", cfg.trainer.grad_clip, allow_zero=True)
+    _positive("trainer.mini_batches", cfg.trainer.mini_batches)
+    _positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
+    _positive("rollout.prompts_per_step", cfg.rollout.prompts_per_step)
+    _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    _positive("rollout.temperature", cfg.rollout.temperature)
+    _positive("rollout.workers", cfg.rollout.workers)
+    _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):
+        raise ConfigError(f"trainer.betas must be two numbers in [0, 1), got {cfg.trainer.betas}")
+    for k in ("clip_low", "clip_high"):
+        v = getattr(cfg.algorithm, k)
+        if not 0 < v < 1e3:
+            raise ConfigError(f"algorithm.{k} must be > 0, got {v}")
+    if cfg.algorithm.name == "grpo" and cfg.rollout.n_samples_per_prompt < 2:
+        raise ConfigError(
+            "rollout.n_samples_per_prompt must be >= 2 for GRPO (advantages are relative to the "
+            f"group), got {cfg.rollout.n_samples_per_prompt}"
+        )
+    _positive("rollout.n_samples_per_prompt", cfg.rollout.n_samples_per_prompt)
+    if cfg.trainer.mini_batches > cfg.rollout.prompts_per_step:
+        raise ConfigError(
+            f"trainer.mini_batches ({cfg.trainer.mini_batches}) cannot exceed "
+            f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step})"
+        )
+    if cfg.trainer.ranks != 1:
+        raise ConfigError("trainer.ranks: only 1 is supported until the sharded trainer lands")
+    if cfg.model.path not in ZOO and not Path(cfg.model.path).is_dir():
+        raise ConfigError(
+            f"model.path: '{cfg.model.path}' is neither a zoo model ({', '.join(ZOO)}) "
+            "nor a local Hugging Face folder"
+        )
+    if cfg.data.task is None and cfg.data.path is None:
+        raise ConfigError(
+            "data: set either data.task (e.g. arithmetic) or data.path (a JSONL file)"
+        )
+    if cfg.data.task is not None:
+        from rlsys.tasks import TASKS
+
+        _choice("data.task", cfg.data.task, tuple(TASKS))
+    for key in ("path", "eval_path"):
+        v = getattr(cfg.data, key)
+        if v is not None and cfg.data.task is None and not Path(v).is_file():
+            raise ConfigError(f"data.{key}: file not found: {v}")
+        if v is not None and Path(v).suffix not in (".jsonl", ".json", ".parquet"):
+            raise ConfigError(f"data.{key}: expected a .jsonl or .parquet file, got {v}")

@@ -1,0 +1,185 @@
+"""The controller: builds the actors from a recipe and runs the training loop.
+
+```
+   prompts ──► RolloutWorker ×R ──groups──► StreamingBuffer ──batch──► TrainerWorker
+                    ▲   (generate, reward)       (FIFO of groups)      (GRPO update, v+1)
+                    └──────────────── weights, version v+1 (object store) ◄───┘
+```
+
+On-policy loop (`max_staleness` 0, the only mode until the async issue lands), per step:
+
+1. `generate`: each rollout worker gets its share of `prompts_per_step` prompts and returns
+   scored groups. Waits for: the slowest worker. Trainer is idle meanwhile.
+2. `put` the groups into the buffer, `get_batch(prompts_per_step)` them back out.
+3. `train_step`: advantages, loss, optimizer step. Rollout is idle meanwhile.
+4. `push_weights`: every rollout worker loads version v+1 before the next step starts.
+
+All compute actors use every core (`cluster.threads_per_actor`): on-policy, the roles take turns.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rlsys.config import RecipeConfig, to_dict, to_yaml
+
+
+def make_run_dir(cfg: RecipeConfig, recipe_path: str | None) -> Path:
+    if cfg.logging.run_dir:
+        d = Path(cfg.logging.run_dir)
+    else:
+        stem = Path(recipe_path).stem if recipe_path else cfg.name
+        d = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _init_ray(cfg: RecipeConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in ("RLSYS_CACHE", "HF_HOME") if k in os.environ}
+    env.update(TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
+    kwargs: dict[str, Any] = dict(
+        include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env}
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ncpu = cfg.cluster.num_cpus or max(os.cpu_count() or 1, 2)
+        ray.init(num_cpus=ncpu, **kwargs)
+
+
+def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
+    """Run a recipe to completion; returns a summary (run dir, checkpoint, rewards)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from rlsys import models
+    from rlsys.buffer.stream import StreamingBuffer
+    from rlsys.data import PromptStream, load_splits
+    from rlsys.logging import RunLogger
+    from rlsys.reward.api import build_reward
+    from rlsys.rollout.worker import RolloutWorker
+    from rlsys.trainer.worker import TrainerWorker
+    from rlsys.weight_sync import push_weights
+
+    # Everything that can fail on user input fails here, before any actor starts.
+    build_reward(cfg.reward.fn, cfg.reward.kwargs, cfg.data.task)
+    model_path = models.resolve(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_prompts, _eval_prompts = load_splits(cfg.data, tokenizer, cfg.seed)
+    stream = PromptStream(train_prompts, cfg.seed)
+
+    run_dir = make_run_dir(cfg, recipe_path)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = RunLogger(run_dir, cfg.steps, to_dict(cfg), cfg.logging.wandb)
+    logger.info(f"run dir: {run_dir}  model: {model_path}")
+
+    _init_ray(cfg)
+    cfg_d = to_dict(cfg)
+    r = cfg.rollout
+    rollout_cls = ray.remote(num_cpus=1)(RolloutWorker)
+    workers = [rollout_cls.remote(cfg_d, model_path, i) for i in range(r.workers)]
+    trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(cfg_d, model_path)
+    buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
+    nbytes = ray.get(trainer.weight_bytes.remote(r.dtype))
+    # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
+    ray.get([w.get_version.remote() for w in workers])
+
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "rewards": []}
+    version, next_group = 0, 0
+    try:
+        for step in range(1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            prompts = stream.next(r.prompts_per_step)
+            gids = list(range(next_group, next_group + len(prompts)))
+            next_group += len(prompts)
+            shares = [(prompts[i :: r.workers], gids[i :: r.workers]) for i in range(r.workers)]
+            outs = ray.get(
+                [
+                    w.generate.remote(p, g, cfg.seed * 1_000_003 + step * 101 + i)
+                    for i, (w, (p, g)) in enumerate(zip(workers, shares, strict=True))
+                    if p
+                ]
+            )
+            t_gen = time.perf_counter() - t0
+            ray.get(buffer.put.remote([g for o in outs for g in o["groups"]]))
+            groups = ray.get(buffer.get_batch.remote(r.prompts_per_step))
+            t1 = time.perf_counter()
+            train_m = ray.get(trainer.train_step.remote(groups))
+            t_train = time.perf_counter() - t1
+            version += 1
+            sync_m = push_weights(trainer, workers, version, r.dtype, nbytes)
+            metrics = _step_metrics(groups, outs)
+            metrics.update(train_m)
+            metrics.update(sync_m)
+            metrics.update(ray.get(buffer.stats.remote()))
+            metrics["perf/rollout_s"] = t_gen
+            metrics["perf/train_s"] = t_train
+            metrics["perf/step_s"] = time.perf_counter() - t0
+            if "reward/first_error" in metrics:
+                logger.info(f"[yellow]reward error (first seen): {metrics['reward/first_error']}")
+            logger.log(step, metrics)
+            summary["rewards"].append(metrics["reward/mean"])
+        final = run_dir / "final"
+        ray.get(trainer.save_pretrained.remote(str(final)))
+        summary["checkpoint"] = str(final)
+        logger.info(f"saved policy (Hugging Face format): {final}")
+    except KeyboardInterrupt:
+        out = run_dir / "interrupted"
+        logger.info(f"interrupted: saving the current policy to {out}")
+        ray.get(trainer.save_pretrained.remote(str(out)))
+        summary["checkpoint"] = str(out)
+        raise
+    finally:
+        plot = logger.finish(cfg.logging.plot)
+        if plot:
+            summary["plot"] = str(plot)
+            logger.info(f"plot: {plot}")
+        for a in [*workers, trainer, buffer]:
+            ray.kill(a)
+    return summary
+
+
+def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
+    """`reward/*` and `rollout/*` summaries of one step's groups."""
+    samples = [s for g in groups for s in g.samples]
+    rewards = [float(s.reward) for s in samples]
+    lengths = [len(s.response_ids) for s in samples]
+    gen_s = max(o["stats"]["rollout/gen_s"] for o in outs)
+    n_tok = sum(o["stats"]["rollout/tokens"] for o in outs)
+    m: dict[str, Any] = {
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "reward/errors": sum(o["stats"]["reward/errors"] for o in outs),
+        "reward/uniform_group_frac": statistics.fmean(
+            float(all(s.reward == g.samples[0].reward for s in g.samples)) for g in groups
+        ),
+        "rollout/response_len_mean": statistics.fmean(lengths),
+        "rollout/response_len_max": max(lengths),
+        "rollout/truncated_frac": statistics.fmean(
+            float(s.stop_reason == "length") for s in samples
+        ),
+        "rollout/tokens": n_tok,
+        "rollout/tok_per_s": n_tok / max(gen_s, 1e-9),
+    }
+    parts: dict[str, list[float]] = {}
+    for s in samples:
+        for k, v in s.reward_info.items():
+            parts.setdefault(k, []).append(v)
+    for k, vs in parts.items():
+        m[f"reward/{k}"] = statistics.fmean(vs)
+    for o in outs:
+        if "reward/first_error" in o["stats"]:
+            m["reward/first_error"] = o["stats"]["reward/first_error"]
+            break
+    return m

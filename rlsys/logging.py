@@ -1,0 +1,106 @@
+"""Run logging: a progress line per step, `metrics.jsonl`, W&B, and a final plot.
+
+Metric names are namespaced (`rollout/`, `reward/`, `train/`, `perf/`, `sync/`, `buffer/`).
+W&B runs offline by default (`logging.wandb.mode`), so nothing needs a login; the offline run
+folder lands in `<run_dir>/wandb/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, total_steps: int, config: dict, wandb_cfg: Any) -> None:
+        self.run_dir = run_dir
+        self.total = total_steps
+        self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.history: list[dict] = []
+        self.t_start = time.perf_counter()
+        self.wandb = None
+        if wandb_cfg.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.wandb = wandb.init(
+                project=wandb_cfg.project,
+                name=wandb_cfg.name or run_dir.name,
+                mode=wandb_cfg.mode,
+                dir=str(run_dir),
+                config=config,
+            )
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record one step: console line, jsonl row, W&B."""
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+        elapsed = time.perf_counter() - self.t_start
+        eta = elapsed / step * (self.total - step) if step else float("nan")
+        self.console.print(
+            f"step {step:>4}/{self.total} | reward {row.get('reward/mean', float('nan')):.3f} "
+            f"| loss {row.get('train/loss', float('nan')):+.4f} "
+            f"| {row.get('rollout/tok_per_s', 0):6.0f} tok/s "
+            f"| {row.get('perf/step_s', 0):5.1f} s/step | ETA {_fmt_eta(eta)}"
+        )
+
+    def info(self, msg: str) -> None:
+        self.console.print(msg)
+
+    def finish(self, plot: bool = True) -> Path | None:
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if plot and self.history:
+            return plot_history(self.history, self.run_dir / "plot.png")
+        return None
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def plot_history(history: list[dict], out: Path) -> Path:
+    """Reward and loss per step, side by side, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in (
+        (axes[0], "reward/mean", "mean reward"),
+        (axes[1], "train/loss", "policy loss"),
+    ):
+        ys = [h.get(key, float("nan")) for h in history]
+        ax.plot(steps, ys, marker="o", ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,110 @@
+"""RolloutWorker: turns prompts into scored `SampleGroup`s with the current policy weights.
+
+Runs as a Ray actor. `generate` samples `n` responses per prompt, scores each with the
+recipe's reward (errors are counted, the sample gets reward 0 and `reward_info["error"]`), and
+returns finished groups. `update_weights` loads a new policy in place and bumps the version.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from rlsys.config import RecipeConfig, from_dict
+from rlsys.data import Prompt
+from rlsys.reward.api import build_reward
+from rlsys.rollout.hf import HFGenerator
+from rlsys.types import Sample, SampleGroup, Status
+
+
+def setup_actor_process(threads: int | None) -> None:
+    """Threads and quiet libraries for a compute actor (Ray sets OMP_NUM_THREADS=1)."""
+    import transformers
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+class RolloutWorker:
+    def __init__(self, cfg: dict, model_path: str, worker_id: int = 0) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg: RecipeConfig = from_dict(cfg)
+        setup_actor_process(self.cfg.cluster.threads_per_actor)
+        self.worker_id = worker_id
+        dtype = getattr(torch, self.cfg.rollout.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = list(eos) if isinstance(eos, list) else [eos]
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.append(self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        self.engine = HFGenerator(self.model, [e for e in eos_ids if e is not None], pad or 0)
+        self.reward = build_reward(self.cfg.reward.fn, self.cfg.reward.kwargs, self.cfg.data.task)
+        self.version = 0
+
+    def generate(self, prompts: list[Prompt], group_ids: list[int], seed: int) -> dict[str, Any]:
+        """Sample, score and return `{"groups": [...], "stats": {...}}`."""
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        gens = self.engine.generate(
+            [p.prompt_ids for p in prompts],
+            r.n_samples_per_prompt,
+            r.max_new_tokens,
+            r.temperature,
+            r.top_p,
+            seed,
+        )
+        gen_s = time.perf_counter() - t0
+        groups, errors, first_error = [], 0, None
+        for prompt, gid, group_gens in zip(prompts, group_ids, gens, strict=True):
+            samples = []
+            for j, g in enumerate(group_gens):
+                s = Sample(group_id=gid, index=j, prompt_ids=list(prompt.prompt_ids))
+                s.meta = dict(prompt.meta)
+                s.append(g.tokens, g.logprobs, self.version, trainable=True)
+                s.finish(
+                    Status.DONE if g.finished else Status.TRUNCATED,
+                    "stop" if g.finished else "length",
+                )
+                s.turns = 1
+                text = self.tokenizer.decode(g.tokens, skip_special_tokens=True)
+                try:
+                    s.reward, s.reward_info = self.reward(prompt.text, text, prompt.meta)
+                except Exception as e:  # a user reward failed: count it, score 0
+                    errors += 1
+                    first_error = first_error or f"{type(e).__name__}: {e}"
+                    s.reward, s.reward_info = 0.0, {"error": 1.0}
+                s.meta["response_text"] = text
+                samples.append(s)
+            groups.append(SampleGroup(gid, samples, prompt.text))
+        n_tok = sum(len(s.response_ids) for g in groups for s in g.samples)
+        stats = {
+            "rollout/gen_s": gen_s,
+            "rollout/tokens": n_tok,
+            "rollout/tok_per_s": n_tok / max(gen_s, 1e-9),
+            "reward/errors": errors,
+        }
+        if first_error:
+            stats["reward/first_error"] = first_error
+        return {"groups": groups, "stats": stats}
+
+    def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Load new policy weights in place; returns the new version."""
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in _TIED]
+        if missing or unexpected:
+            raise ValueError(f"weight update mismatch: missing={missing} unexpected={unexpected}")
+        self.version = version
+        return version
+
+    def get_version(self) -> int:
+        return self.version
+
+
+_TIED = {"lm_head.weight"}

@@ -1,0 +1,1 @@
+"""Trainer: advantages, losses, logprobs and the trainer worker actor."""

@@ -1,0 +1,38 @@
+"""Per-token logprobs of a batch under the policy, from hidden states.
+
+The LM head is applied only at positions whose next token is a response token, so the
+[tokens x vocab] logits cover response tokens only (not prompts or padding):
+
+    logp_t = log_softmax(W h_{t-1} / T)[x_t],   H_t = -sum_v p_v log p_v   (entropy, no grad)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # [B, L, H]
+    sel = response_mask[:, 1:] > 0  # next token is a response token
+    h = hidden[:, :-1][sel]  # [N, H]
+    targets = input_ids[:, 1:][sel]  # [N]
+    logits = model.get_output_embeddings()(h).float() / temperature  # [N, V]
+    logsm = torch.log_softmax(logits, dim=-1)
+    lp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        ent = -(logsm.exp() * logsm).sum(-1)
+    logp = torch.zeros(response_mask.shape, dtype=lp.dtype, device=lp.device)
+    entropy = torch.zeros_like(logp)
+    logp[:, 1:][sel] = lp
+    entropy[:, 1:][sel] = ent
+    return logp, entropy
