@@ -35,9 +35,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after flags (`train r.yaml --print-config a=1`).
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-")]
+    if bad or (extra and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return EXIT_USER_ERROR
     try:
         cfg = load_recipe(args.recipe, args.overrides)

@@ -1,0 +1,101 @@
+"""Recipe loading: each user mistake gives its message and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlsys.config import ConfigError, RecipeConfig, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rlsys.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("trainer.lrr=1e-5", "unknown key 'trainer.lrr'. Did you mean 'trainer.lr'?"),
+        ("rollout.n_sample_per_prompt=4", "Did you mean 'rollout.n_samples_per_prompt'?"),
+        ("trainer.lr=fast", "bad value for 'trainer.lr'"),
+        ("steps=[1,2]", "bad value for 'steps'"),
+        ("trainer.lr=-1e-6", "trainer.lr must be > 0, got -1e-06"),
+        ("rollout.n_samples_per_prompt=1", "must be >= 2 for GRPO"),
+        ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1]"),
+        ("algorithm.name=grop", "'grop' is not one of grpo. Did you mean 'grpo'?"),
+        ("model.path=/no/such/model", "neither a zoo model"),
+        ("trainer", "is not of the form key=value"),
+    ],
+)
+def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
+    r = _cli("train", "recipes/quickstart.yaml", override)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_recipe_file() -> None:
+    r = _cli("train", "recipes/does_not_exist.yaml")
+    assert r.returncode == 2
+    assert "recipe file not found: recipes/does_not_exist.yaml" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_key_in_yaml_and_bad_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  temprature: 0.7\n")
+    r = _cli("train", str(bad))
+    assert r.returncode == 2
+    assert "unknown key 'rollout.temprature'. Did you mean 'rollout.temperature'?" in r.stderr
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rollout: [unclosed\n")
+    r = _cli("train", str(broken))
+    assert r.returncode == 2 and "cannot parse" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_file(tmp_path: Path) -> None:
+    r = _cli("train", "recipes/quickstart.yaml", "data.task=null", "data.path=nope.jsonl")
+    assert r.returncode == 2
+    assert "data.path: file not found: nope.jsonl" in r.stderr
+
+
+def test_print_config_shows_resolved_overrides() -> None:
+    r = _cli("train", "recipes/quickstart.yaml", "--print-config", "rollout.temperature=0.5")
+    assert r.returncode == 0, r.stderr
+    assert "temperature: 0.5" in r.stdout
+    assert "name: quickstart" in r.stdout
+
+
+def test_help_and_version() -> None:
+    r = _cli("--help")
+    assert r.returncode == 0 and "train" in r.stdout
+    r = _cli("train", "--help")
+    assert r.returncode == 0 and "--print-config" in r.stdout and "key=value" in r.stdout
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("rlsys ")
+
+
+def test_interpolation_and_types(tmp_path: Path) -> None:
+    p = tmp_path / "r.yaml"
+    p.write_text("steps: 3\nname: run-${steps}\nrollout:\n  prompts_per_step: ${steps}\n")
+    cfg = load_recipe(p, ["steps=5"])
+    assert isinstance(cfg, RecipeConfig)
+    assert cfg.name == "run-5" and cfg.rollout.prompts_per_step == 5
+    assert isinstance(cfg.trainer.lr, float)
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_recipe(None)
+    assert cfg.algorithm.name == "grpo" and cfg.rollout.n_samples_per_prompt >= 2
+
+
+def test_error_is_config_error_in_process() -> None:
+    with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
+        load_recipe(None, ["trainer.lr=0"])
