@@ -74,17 +74,90 @@ class RolloutConfig:
 
 
 @dataclass
+class KLConfig:
+    mode: str = "none"
+    """none | reward (per-token penalty in the reward) | loss (a term in the policy loss)."""
+    estimator: str = "low_var_kl"
+    """k1 | k2 | k3 | low_var_kl (k3 clamped to [-10, 10])."""
+    coef: float = 0.001
+    """KL coefficient beta (initial value when adaptive)."""
+    adaptive: bool = False
+    """Adapt beta towards `target` (Ziegler et al. 2019); reward mode only."""
+    target: float = 0.01
+    """Target KL per token for the adaptive controller."""
+    horizon: int = 10000
+    """Adaptive controller horizon in samples."""
+
+
+@dataclass
+class OffPolicyConfig:
+    mode: str = "none"
+    """none | tis (truncated importance weights) | decoupled (decoupled PPO objective)."""
+    cap: float = 2.0
+    """TIS clamp C on the behaviour->trainer weight; decoupled: tokens above it are dropped."""
+
+
+@dataclass
+class DynamicSamplingConfig:
+    enabled: bool = False
+    """DAPO: drop groups whose rewards are all equal; sample more until the batch is full."""
+    max_rounds: int = 3
+    """Extra generation rounds allowed per step before training on what is there."""
+
+
+@dataclass
+class OverlongConfig:
+    enabled: bool = False
+    """DAPO soft overlong penalty for responses near rollout.max_new_tokens."""
+    buffer: int = 8
+    """Penalty ramps linearly from 0 to -penalty over the last `buffer` tokens."""
+    penalty: float = 1.0
+    """Penalty at the length cap."""
+
+
+@dataclass
+class CriticConfig:
+    path: str | None = None
+    """Critic backbone: null = a copy of the policy model; or a zoo name / HF folder."""
+    lr: float = 1e-5
+    """Critic AdamW learning rate."""
+    value_clip: float = 0.2
+    """Clip of the value update around the old values (PPO value clipping)."""
+    warmup_steps: int = 0
+    """Steps that train only the critic before the policy starts updating."""
+
+
+@dataclass
 class AlgorithmConfig:
-    name: str = "grpo"
-    """Policy-gradient method: grpo."""
+    advantage: str = "grpo"
+    """Estimator: grpo | rloo | reinforce_pp | remax | gae (PPO, needs a critic)."""
     norm_adv_by_std: bool = True
-    """Divide group-centred rewards by the group std (off = Dr.GRPO)."""
+    """grpo: divide group-centred rewards by the group std (off = Dr.GRPO)."""
+    group_baseline: bool = False
+    """reinforce_pp: subtract the group mean before batch normalisation."""
+    policy_loss: str = "clipped"
+    """clipped (PPO ratio clip) | reinforce (plain REINFORCE, ReMax)."""
     clip_low: float = 0.2
-    """PPO ratio clip below: ratio >= 1 - clip_low."""
+    """Ratio clip below: ratio >= 1 - clip_low."""
     clip_high: float = 0.2
-    """PPO ratio clip above: ratio <= 1 + clip_high (DAPO's clip-higher uses 0.28)."""
+    """Ratio clip above: ratio <= 1 + clip_high (DAPO clip-higher uses 0.28)."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 capping the loss of negative-advantage tokens; null = off."""
     loss_agg: str = "token-mean"
-    """Loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum."""
+    """token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    norm_len: int | None = None
+    """seq-mean-token-sum-norm divisor; null = rollout.max_new_tokens."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (loss -= coef * entropy)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 1.0
+    """GAE lambda."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
 
 @dataclass
@@ -253,10 +326,9 @@ def from_dict(d: dict) -> RecipeConfig:
 # ---------------------------------------------------------------------------------------------
 # validation
 
-ALGORITHMS = ("grpo",)
+ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax", "gae")
 ENGINES = ("hf",)
 DTYPES = ("float32", "bfloat16")
-LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -276,9 +348,39 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(cfg: RecipeConfig) -> None:
     """Range and consistency checks that the type system cannot express."""
     from rlsys.models import ZOO  # local: models imports heavy libraries lazily
+    from rlsys.trainer.losses import KL_ESTIMATORS, LOSS_AGG, OFF_POLICY, POLICY_LOSSES
 
-    _choice("algorithm.name", cfg.algorithm.name, ALGORITHMS)
-    _choice("algorithm.loss_agg", cfg.algorithm.loss_agg, LOSS_AGG)
+    al = cfg.algorithm
+    _choice("algorithm.advantage", al.advantage, ADVANTAGES)
+    _choice("algorithm.policy_loss", al.policy_loss, POLICY_LOSSES)
+    _choice("algorithm.loss_agg", al.loss_agg, LOSS_AGG)
+    _choice("algorithm.kl.mode", al.kl.mode, ("none", "reward", "loss"))
+    _choice("algorithm.kl.estimator", al.kl.estimator, KL_ESTIMATORS)
+    _choice("algorithm.off_policy.mode", al.off_policy.mode, OFF_POLICY)
+    _positive("algorithm.kl.coef", al.kl.coef, allow_zero=True)
+    _positive("algorithm.kl.target", al.kl.target)
+    _positive("algorithm.kl.horizon", al.kl.horizon)
+    _positive("algorithm.off_policy.cap", al.off_policy.cap)
+    _positive("algorithm.entropy_coef", al.entropy_coef, allow_zero=True)
+    _positive("algorithm.critic.lr", al.critic.lr)
+    _positive("algorithm.dynamic_sampling.max_rounds", al.dynamic_sampling.max_rounds, True)
+    _positive("algorithm.overlong.buffer", al.overlong.buffer)
+    if al.dual_clip is not None and al.dual_clip <= 1.0:
+        raise ConfigError(f"algorithm.dual_clip must be > 1 (or null), got {al.dual_clip}")
+    for k in ("gamma", "lam"):
+        if not 0.0 <= getattr(al, k) <= 1.0:
+            raise ConfigError(f"algorithm.{k} must be in [0, 1], got {getattr(al, k)}")
+    if al.overlong.enabled and al.overlong.buffer >= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"algorithm.overlong.buffer ({al.overlong.buffer}) must be smaller than "
+            f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens})"
+        )
+    if (
+        al.critic.path is not None
+        and al.critic.path not in ZOO
+        and not Path(al.critic.path).is_dir()
+    ):
+        raise ConfigError(f"algorithm.critic.path: '{al.critic.path}' is not a zoo model or folder")
     _choice("rollout.engine", cfg.rollout.engine, ENGINES)
     _choice("rollout.dtype", cfg.rollout.dtype, DTYPES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
@@ -302,10 +404,11 @@ def validate(cfg: RecipeConfig) -> None:
         v = getattr(cfg.algorithm, k)
         if not 0 < v < 1e3:
             raise ConfigError(f"algorithm.{k} must be > 0, got {v}")
-    if cfg.algorithm.name == "grpo" and cfg.rollout.n_samples_per_prompt < 2:
+    if al.advantage in ("grpo", "rloo") and cfg.rollout.n_samples_per_prompt < 2:
+        name = "GRPO" if al.advantage == "grpo" else "RLOO"
         raise ConfigError(
-            "rollout.n_samples_per_prompt must be >= 2 for GRPO (advantages are relative to the "
-            f"group), got {cfg.rollout.n_samples_per_prompt}"
+            f"rollout.n_samples_per_prompt must be >= 2 for {name} (advantages are relative to "
+            f"the group), got {cfg.rollout.n_samples_per_prompt}"
         )
     _positive("rollout.n_samples_per_prompt", cfg.rollout.n_samples_per_prompt)
     if cfg.trainer.mini_batches > cfg.rollout.prompts_per_step:

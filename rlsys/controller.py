@@ -89,7 +89,8 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     r = cfg.rollout
     rollout_cls = ray.remote(num_cpus=1)(RolloutWorker)
     workers = [rollout_cls.remote(cfg_d, model_path, i) for i in range(r.workers)]
-    trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(cfg_d, model_path)
+    critic_path = models.resolve(cfg.algorithm.critic.path) if cfg.algorithm.critic.path else None
+    trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(cfg_d, model_path, critic_path)
     buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
     nbytes = ray.get(trainer.weight_bytes.remote(r.dtype))
     # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
@@ -100,26 +101,16 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     try:
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
-            prompts = stream.next(r.prompts_per_step)
-            gids = list(range(next_group, next_group + len(prompts)))
-            next_group += len(prompts)
-            shares = [(prompts[i :: r.workers], gids[i :: r.workers]) for i in range(r.workers)]
-            outs = ray.get(
-                [
-                    w.generate.remote(p, g, cfg.seed * 1_000_003 + step * 101 + i)
-                    for i, (w, (p, g)) in enumerate(zip(workers, shares, strict=True))
-                    if p
-                ]
-            )
+            groups, outs, ds = _collect_groups(cfg, stream, workers, buffer, step, next_group)
+            next_group += ds.pop("groups_started")
             t_gen = time.perf_counter() - t0
-            ray.get(buffer.put.remote([g for o in outs for g in o["groups"]]))
-            groups = ray.get(buffer.get_batch.remote(r.prompts_per_step))
             t1 = time.perf_counter()
             train_m = ray.get(trainer.train_step.remote(groups))
             t_train = time.perf_counter() - t1
             version += 1
             sync_m = push_weights(trainer, workers, version, r.dtype, nbytes)
             metrics = _step_metrics(groups, outs)
+            metrics.update(ds)
             metrics.update(train_m)
             metrics.update(sync_m)
             metrics.update(ray.get(buffer.stats.remote()))
@@ -150,9 +141,59 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     return summary
 
 
+def _collect_groups(
+    cfg: RecipeConfig, stream, workers: list, buffer, step: int, next_group: int
+) -> tuple[list, list[dict], dict[str, Any]]:
+    """Generate one batch of scored groups through the buffer.
+
+    With DAPO dynamic sampling, groups whose trainable rewards are all equal carry no GRPO
+    signal and are dropped; up to `max_rounds` extra rounds refill the batch, after which the
+    step trains on what it has (at least one group, else on the unfiltered last round)."""
+    import ray
+
+    r, ds_cfg = cfg.rollout, cfg.algorithm.dynamic_sampling
+    want, started, dropped, outs = r.prompts_per_step, 0, 0, []
+    rounds = 1 + (ds_cfg.max_rounds if ds_cfg.enabled else 0)
+    last: list = []
+    for rnd in range(rounds):
+        depth = ray.get(buffer.stats.remote())["buffer/depth"]
+        need = want - depth
+        if need <= 0:
+            break
+        prompts = stream.next(need)
+        gids = list(range(next_group + started, next_group + started + len(prompts)))
+        started += len(prompts)
+        shares = [(prompts[i :: r.workers], gids[i :: r.workers]) for i in range(r.workers)]
+        seed = cfg.seed * 1_000_003 + step * 101 + rnd * 17
+        round_outs = ray.get(
+            [
+                w.generate.remote(p, g, seed + i)
+                for i, (w, (p, g)) in enumerate(zip(workers, shares, strict=True))
+                if p
+            ]
+        )
+        outs += round_outs
+        last = [g for o in round_outs for g in o["groups"]]
+        keep = last
+        if ds_cfg.enabled:
+            keep = [g for g in last if len({s.reward for s in g.samples if s.trainable}) > 1]
+            dropped += len(last) - len(keep)
+        ray.get(buffer.put.remote(keep))
+    depth = ray.get(buffer.stats.remote())["buffer/depth"]
+    if depth == 0:  # every group was uniform: train on the last round rather than stall
+        ray.get(buffer.put.remote(last))
+        depth = len(last)
+    groups = ray.get(buffer.get_batch.remote(min(want, depth)))
+    stats = {"groups_started": started}
+    if ds_cfg.enabled:
+        stats.update({"rollout/dropped_groups": dropped, "rollout/groups_trained": len(groups)})
+    return groups, outs, stats
+
+
 def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
     """`reward/*` and `rollout/*` summaries of one step's groups."""
-    samples = [s for g in groups for s in g.samples]
+    samples = [s for g in groups for s in g.samples if s.trainable]
+    greedy = [float(s.reward) for g in groups for s in g.samples if not s.trainable]
     rewards = [float(s.reward) for s in samples]
     lengths = [len(s.response_ids) for s in samples]
     gen_s = max(o["stats"]["rollout/gen_s"] for o in outs)
@@ -162,7 +203,7 @@ def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
         "reward/std": statistics.pstdev(rewards),
         "reward/errors": sum(o["stats"]["reward/errors"] for o in outs),
         "reward/uniform_group_frac": statistics.fmean(
-            float(all(s.reward == g.samples[0].reward for s in g.samples)) for g in groups
+            float(len({s.reward for s in g.samples if s.trainable}) == 1) for g in groups
         ),
         "rollout/response_len_mean": statistics.fmean(lengths),
         "rollout/response_len_max": max(lengths),
@@ -172,6 +213,8 @@ def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
         "rollout/tokens": n_tok,
         "rollout/tok_per_s": n_tok / max(gen_s, 1e-9),
     }
+    if greedy:
+        m["reward/greedy_mean"] = statistics.fmean(greedy)
     parts: dict[str, list[float]] = {}
     for s in samples:
         for k, v in s.reward_info.items():

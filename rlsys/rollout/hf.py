@@ -34,8 +34,9 @@ class HFGenerator:
         temperature: float,
         top_p: float,
         seed: int,
+        greedy: bool = False,
     ) -> list[list[Generation]]:
-        """`n` sampled continuations for each prompt, grouped per prompt."""
+        """`n` sampled (or greedy) continuations for each prompt, grouped per prompt."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -46,10 +47,10 @@ class HFGenerator:
         out = self.model.generate(
             input_ids=ids,
             attention_mask=mask,
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p,
+            top_k=None if greedy else 0,
             max_new_tokens=max_new_tokens,
             num_return_sequences=n,
             eos_token_id=sorted(self.eos_ids),

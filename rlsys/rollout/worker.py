@@ -60,12 +60,26 @@ class RolloutWorker:
             r.top_p,
             seed,
         )
+        if self.cfg.algorithm.advantage == "remax":
+            # ReMax's baseline: one greedy response per prompt, scored, never trained on.
+            greedy = self.engine.generate(
+                [p.prompt_ids for p in prompts],
+                1,
+                r.max_new_tokens,
+                r.temperature,
+                1.0,
+                seed,
+                greedy=True,
+            )
+            gens = [g + b for g, b in zip(gens, greedy, strict=True)]
         gen_s = time.perf_counter() - t0
         groups, errors, first_error = [], 0, None
+        n = r.n_samples_per_prompt
         for prompt, gid, group_gens in zip(prompts, group_ids, gens, strict=True):
             samples = []
             for j, g in enumerate(group_gens):
                 s = Sample(group_id=gid, index=j, prompt_ids=list(prompt.prompt_ids))
+                s.trainable = j < n
                 s.meta = dict(prompt.meta)
                 s.append(g.tokens, g.logprobs, self.version, trainable=True)
                 s.finish(
@@ -80,6 +94,12 @@ class RolloutWorker:
                     errors += 1
                     first_error = first_error or f"{type(e).__name__}: {e}"
                     s.reward, s.reward_info = 0.0, {"error": 1.0}
+                if self.cfg.algorithm.overlong.enabled:
+                    pen = overlong_penalty(
+                        len(g.tokens), r.max_new_tokens, self.cfg.algorithm.overlong
+                    )
+                    s.reward += pen
+                    s.reward_info["overlong"] = pen
                 s.meta["response_text"] = text
                 samples.append(s)
             groups.append(SampleGroup(gid, samples, prompt.text))
@@ -108,3 +128,12 @@ class RolloutWorker:
 
 
 _TIED = {"lm_head.weight"}
+
+
+def overlong_penalty(length: int, max_len: int, cfg) -> float:
+    """DAPO's soft overlong penalty: 0 up to max_len - buffer, then a linear ramp to -penalty
+    at max_len (responses cut at the cap get the full penalty)."""
+    start = max_len - cfg.buffer
+    if length <= start:
+        return 0.0
+    return -cfg.penalty * min(length - start, cfg.buffer) / cfg.buffer

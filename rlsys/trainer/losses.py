@@ -1,55 +1,158 @@
-"""Policy losses: pure functions on per-token tensors.
+"""Losses: pure functions on per-token [B, T] tensors; masked positions get exactly zero.
 
-Clipped surrogate (PPO, Schulman et al. 2017) with separate low/high clip (DAPO's
-clip-higher, Yu et al. 2025):
+Policy losses (A = advantage, ratio r_t = exp(logp_t - old_logp_t)):
 
-    ratio_t = exp(logp_t - old_logp_t)
-    l_t     = -min(ratio_t * A_t, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_t)
+- `clipped` (PPO, Schulman et al. 2017) with separate low/high clip (DAPO's clip-higher,
+  Yu et al. 2025) and optional dual-clip constant c > 1 for A < 0 (Ye et al. 2020):
 
-Aggregation over a mini-batch of sequences (mask m, sequence length |o_i| = sum_t m_it):
+      l_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high))
+      l_t = min(l_t, -c A)                                   if dual_clip and A < 0
 
-    token-mean:          sum_it l_it m_it / sum_it m_it
-    seq-mean-token-mean: mean_i (sum_t l_it m_it / |o_i|)
-    seq-mean-token-sum:  mean_i (sum_t l_it m_it)
+- `reinforce` (ReMax, Li et al. 2023): l_t = -A logp_t, no ratio and no clipping.
 
-`denominator` lets micro-batches of one mini-batch share the mini-batch's normaliser, so that
-accumulated gradients equal the gradient of the unsplit loss.
+Off-policy weights w_t multiply l_t (detached), with behaviour logprobs from the rollout engine
+and `old_logp` the trainer's pre-update (proximal) logprobs:
+
+- `tis`: truncated importance sampling, w = min(exp(old - behav), C) (Yao et al. 2025): fixes
+  the rollout/trainer numerical mismatch and mild staleness.
+- `decoupled`: decoupled PPO (Hilton et al. 2022; AReaL): clip against the proximal policy and
+  weight by w = exp(prox - behav); tokens with w > C are dropped from the loss (AReaL's cap).
+
+KL to a reference policy, log rho = ref_logp - logp (Schulman's estimators):
+
+    k1 = -log rho        k2 = (log rho)^2 / 2        k3 = rho - 1 - log rho
+    low_var_kl = clamp(k3, -10, 10)                  (verl's clamped k3)
+
+Entropy bonus: l_t -= entropy_coef * H_t. Value loss (clipped, PPO):
+
+    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+
+Aggregation over a mini-batch (mask m, |o_i| = sum_t m_it, `norm_len` a constant):
+
+    token-mean:              sum_it l_it m_it / sum_it m_it
+    seq-mean-token-mean:     mean_i (sum_t l_it m_it / |o_i|)
+    seq-mean-token-sum:      mean_i (sum_t l_it m_it)
+    seq-mean-token-sum-norm: mean_i (sum_t l_it m_it / norm_len)           (Dr.GRPO)
+
+`denominator` is the whole mini-batch's normaliser, so that micro-batches accumulate to the
+gradient of the unsplit loss.
 """
 
 from __future__ import annotations
 
 import torch
 
+POLICY_LOSSES = ("clipped", "reinforce")
+OFF_POLICY = ("none", "tis", "decoupled")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
-def clipped_policy_loss(
+
+def off_policy_weights(
+    old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-token weights (None for `none`) and the mask to use (`decoupled` drops tokens)."""
+    if mode == "none":
+        return None, mask
+    w = torch.exp((old_logp - behav_logp).detach())
+    if mode == "tis":
+        return torch.clamp(w, max=cap), mask
+    if mode == "decoupled":
+        keep = (w <= cap).to(mask.dtype)
+        return w * keep, mask * keep
+    raise ValueError(f"unknown off-policy correction '{mode}' (use one of {', '.join(OFF_POLICY)})")
+
+
+def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
+    kind: str = "clipped",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token loss and per-token clipped indicator, both [B, T] (masked positions 0)."""
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    was_clipped = (clipped < unclipped).float()
-    return loss * mask, was_clipped * mask
+    """Per-token policy loss and per-token clipped indicator, both [B, T], zero where masked."""
+    # Zero the masked positions first (where(), not a product) so that they get exactly zero
+    # gradient even when their logprob is inf/NaN (padding).
+    keep = mask > 0
+    logp = torch.where(keep, logp, torch.zeros_like(logp))
+    old_logp = torch.where(keep, old_logp, torch.zeros_like(old_logp))
+    advantages = torch.where(keep, advantages, torch.zeros_like(advantages))
+    if kind == "reinforce":
+        loss = -advantages * logp
+        clipped = torch.zeros_like(loss)
+    elif kind == "clipped":
+        ratio = torch.exp(logp - old_logp)
+        pg1 = -advantages * ratio
+        pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = torch.maximum(pg1, pg2)
+        clipped = (pg2 > pg1).float()
+        if dual_clip is not None:
+            if dual_clip <= 1.0:
+                raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+            pg3 = -advantages * dual_clip
+            capped = (advantages < 0) & (loss > pg3)
+            loss = torch.where(capped, pg3, loss)
+            clipped = torch.where(capped, torch.ones_like(clipped), clipped)
+    else:
+        raise ValueError(f"unknown policy loss '{kind}' (use one of {', '.join(POLICY_LOSSES)})")
+    if weights is not None:
+        loss = loss * weights.detach()
+    zero = torch.zeros_like(loss)
+    return torch.where(keep, loss, zero), torch.where(keep, clipped, zero)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from sampled-token logprobs."""
+    log_rho = ref_logp - logp
+    if estimator == "k1":
+        return -log_rho
+    if estimator == "k2":
+        return 0.5 * log_rho**2
+    if estimator in ("k3", "low_var_kl"):
+        k3 = torch.exp(log_rho) - 1.0 - log_rho
+        return torch.clamp(k3, -10.0, 10.0) if estimator == "low_var_kl" else k3
+    raise ValueError(f"unknown KL estimator '{estimator}' (use one of {', '.join(KL_ESTIMATORS)})")
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+) -> torch.Tensor:
+    """Per-token clipped value loss [B, T], zero where masked."""
+    loss = (values - returns) ** 2
+    if clip is not None:
+        v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
+        loss = torch.maximum(loss, (v_clip - returns) ** 2)
+    return torch.where(mask > 0, 0.5 * loss, torch.zeros_like(loss))
 
 
 def aggregate(
-    loss: torch.Tensor, mask: torch.Tensor, mode: str, denominator: float
+    loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    denominator: float,
+    norm_len: float | None = None,
 ) -> torch.Tensor:
     """Reduce a masked [B, T] per-token loss; `denominator` is the mini-batch's token count
-    (token-mean) or sequence count (seq-mean-*)."""
+    (token-mean) or sequence count (seq-mean-*), see `denominator()`."""
     if mode == "token-mean":
         return loss.sum() / denominator
     per_seq = loss.sum(dim=-1)
     if mode == "seq-mean-token-mean":
         per_seq = per_seq / mask.sum(dim=-1).clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
+        if not norm_len:
+            raise ValueError("seq-mean-token-sum-norm needs norm_len (e.g. max_new_tokens)")
+        per_seq = per_seq / norm_len
     elif mode != "seq-mean-token-sum":
-        raise ValueError(f"unknown loss aggregation '{mode}'")
+        raise ValueError(f"unknown loss aggregation '{mode}' (use one of {', '.join(LOSS_AGG)})")
     return per_seq.sum() / denominator
 
 
@@ -58,3 +161,19 @@ def denominator(mask: torch.Tensor, mode: str) -> float:
     if mode == "token-mean":
         return max(float(mask.sum()), 1.0)
     return float(max(int((mask.sum(dim=-1) > 0).sum()), 1))
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019): move beta so the observed KL tracks a
+    target, proportionally and clipped to +-20% per update:
+
+        beta <- beta * (1 + clip((kl - target) / target, -0.2, 0.2) * n / horizon)
+    """
+
+    def __init__(self, init: float, target: float, horizon: int) -> None:
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        err = max(min((kl - self.target) / self.target, 0.2), -0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+        return self.value

@@ -1,42 +1,68 @@
 """TrainerWorker: one policy update per batch of finished groups (plain PyTorch AdamW).
 
-Per step: GRPO advantages per group -> right-padded batch -> for each mini-batch: old logprobs
-(no grad) -> micro-batched forward/backward of the clipped loss -> clip grad norm -> AdamW
-step. The version counts optimizer updates of the whole batch (one per step).
+A step reads top to bottom:
+
+1. no-grad passes, only those the recipe needs: pre-update logprobs (several mini-batches or
+   a KL reward), reference logprobs (KL), critic values (PPO);
+2. per-token advantages (`trainer/algorithm.py`);
+3. for each mini-batch of whole groups: micro-batched forward/backward of policy loss
+   (+ KL loss term, - entropy bonus) -> clip -> AdamW step; then the critic's value loss;
+4. version + 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from rlsys.config import RecipeConfig, from_dict
 from rlsys.rollout.worker import setup_actor_process
-from rlsys.trainer import advantages as adv_lib
+from rlsys.trainer.algorithm import split_groups, token_advantages
+from rlsys.trainer.critic import Critic
 from rlsys.trainer.logprobs import token_logprobs
-from rlsys.trainer.losses import aggregate, clipped_policy_loss, denominator
+from rlsys.trainer.losses import (
+    AdaptiveKLController,
+    aggregate,
+    denominator,
+    kl_penalty,
+    off_policy_weights,
+    policy_loss,
+    value_loss,
+)
 from rlsys.types import SampleGroup, TrainBatch, collate
 
 
 class TrainerWorker:
-    def __init__(self, cfg: dict, model_path: str) -> None:
+    def __init__(self, cfg: dict, model_path: str, critic_path: str | None = None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg: RecipeConfig = from_dict(cfg)
         setup_actor_process(self.cfg.cluster.threads_per_actor)
         torch.manual_seed(self.cfg.seed)
         dtype = getattr(torch, self.cfg.model.dtype)
+        al, t = self.cfg.algorithm, self.cfg.trainer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         self.model.train()
         self.model.config.use_cache = False
-        t = self.cfg.trainer
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
+        self.ref = None
+        if al.kl.mode != "none":
+            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+            self.ref.requires_grad_(False)
+        self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
+        self.critic = self.critic_opt = None
+        if al.advantage == "gae":
+            self.critic = Critic(critic_path or model_path, dtype)
+            self.critic_opt = torch.optim.AdamW(
+                self.critic.parameters(), lr=al.critic.lr, betas=tuple(t.betas)
+            )
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.version = 0
 
@@ -45,69 +71,149 @@ class TrainerWorker:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def advantages(self, groups: list[SampleGroup]) -> list[float]:
-        """One scalar advantage per sample (outcome reward broadcast over its tokens)."""
-        rewards = torch.tensor([[float(s.reward) for s in g.samples] for g in groups])
-        a = adv_lib.grpo(rewards, norm_by_std=self.cfg.algorithm.norm_adv_by_std)
-        return a.flatten().tolist()
+    def _logp(self, model, m: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            return token_logprobs(
+                model, m.input_ids, m.attention_mask, m.response_mask, self.cfg.rollout.temperature
+            )
+
+    def _values(self, m: TrainBatch) -> torch.Tensor:
+        assert self.critic is not None
+        with self._autocast():
+            return self.critic(m.input_ids, m.attention_mask, m.response_mask)
+
+    @torch.no_grad()
+    def _full_pass(
+        self, fn: Callable[[TrainBatch], torch.Tensor], batch: TrainBatch
+    ) -> torch.Tensor:
+        """fn over micro-batches of `batch`, stitched back to [B, L]."""
+        out = torch.zeros(batch.response_mask.shape)
+        for rows in torch.arange(batch.input_ids.shape[0]).split(self.cfg.trainer.micro_batch_size):
+            m = _rows(batch, rows)
+            out[rows, : m.input_ids.shape[1]] = fn(m).float()
+        return out
 
     def train_step(self, groups: list[SampleGroup]) -> dict[str, Any]:
-        """One policy update on `groups`; returns `train/*` metrics."""
-        a = self.cfg.algorithm
-        t = self.cfg.trainer
-        samples = [s for g in groups for s in g.samples]
-        batch = collate(samples, self.advantages(groups), self.pad_id)
-        temp = self.cfg.rollout.temperature
-        # Split the batch into mini-batches of whole groups: one optimizer step each.
-        n_per = len(samples) // len(groups)
-        group_chunks = torch.arange(len(groups)).chunk(t.mini_batches)
-        sums: dict[str, float] = {}
-        n_tok_total = batch.num_tokens
-        # With one optimizer step per batch the pre-update policy is the current one, so its
-        # logprobs come free from the same forward pass (ratio == 1); otherwise one no-grad pass.
-        reuse = t.mini_batches == 1
-        for chunk in group_chunks:
+        """One policy (and critic) update on `groups`; returns `train/*` metrics."""
+        al, t = self.cfg.algorithm, self.cfg.trainer
+        gr = split_groups(groups)
+        n_groups, n_per = gr.rewards.shape
+        batch = collate(gr.samples, [0.0] * len(gr.samples), self.pad_id)
+        mask = batch.response_mask
+        n_tok = max(batch.num_tokens, 1)
+
+        # 1. the no-grad passes this recipe needs
+        need_old = t.mini_batches > 1 or al.kl.mode == "reward"
+        old_lp = (
+            self._full_pass(lambda m: self._logp(self.model, m)[0], batch) if need_old else None
+        )
+        ref_lp = None
+        if self.ref is not None:
+            ref_lp = self._full_pass(lambda m: self._logp(self.ref, m)[0], batch)
+        old_v = self._full_pass(self._values, batch) if self.critic is not None else None
+
+        # 2. advantages
+        kl_coef = self.kl_ctl.value
+        adv, returns, stats = token_advantages(gr, al, mask, old_lp, ref_lp, old_v, kl_coef)
+        batch.advantages = adv
+        extras = {"old": old_lp, "ref": ref_lp, "old_v": old_v, "ret": returns}
+
+        # 3. mini-batches of whole groups, one optimizer step each
+        sums: dict[str, float] = dict(stats)
+        chunks = torch.arange(n_groups).chunk(t.mini_batches)
+        policy_frozen = self.critic is not None and self.version < al.critic.warmup_steps
+        norm_len = al.norm_len or self.cfg.rollout.max_new_tokens
+        for chunk in chunks:
             rows = torch.cat([torch.arange(g * n_per, (g + 1) * n_per) for g in chunk.tolist()])
-            mb = _rows(batch, rows)
-            prox = None
-            if not reuse:
-                with torch.no_grad(), self._autocast():
-                    prox, _ = token_logprobs(
-                        self.model, mb.input_ids, mb.attention_mask, mb.response_mask, temp
-                    )
-            denom = denominator(mb.response_mask, a.loss_agg)
+            mb, mbx = _rows(batch, rows), _slice(extras, rows, batch)
+            denom = denominator(mb.response_mask, al.loss_agg)
             self.opt.zero_grad(set_to_none=True)
             for micro in torch.arange(len(rows)).split(t.micro_batch_size):
-                m = _rows(mb, micro)
-                width = m.input_ids.shape[1]
-                with self._autocast():
-                    logp, ent = token_logprobs(
-                        self.model, m.input_ids, m.attention_mask, m.response_mask, temp
-                    )
-                old = logp.detach() if prox is None else prox[micro, :width]
-                mask = m.response_mask
-                tok_loss, clipped = clipped_policy_loss(
-                    logp, old, m.advantages, mask, a.clip_low, a.clip_high
+                m, x = _rows(mb, micro), _slice(mbx, micro, mb)
+                logp, ent = self._logp(self.model, m)
+                mm = m.response_mask
+                old = logp.detach() if x["old"] is None else x["old"]
+                w, mm = off_policy_weights(
+                    old, m.old_logprobs, mm, al.off_policy.mode, al.off_policy.cap
                 )
-                loss = aggregate(tok_loss, mask, a.loss_agg, denom)
-                loss.backward()
-                _acc(sums, "train/loss", float(loss.detach()))
-                _acc(sums, "train/entropy", float((ent * mask).sum()) / n_tok_total)
-                _acc(sums, "train/clip_frac", float(clipped.sum()) / n_tok_total)
-                delta = ((old - m.old_logprobs).abs() * mask).sum()
-                _acc(sums, "train/rollout_logprob_diff", float(delta) / n_tok_total)
-            clip = t.grad_clip if t.grad_clip > 0 else math.inf
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            if not torch.isfinite(gn):
-                raise FloatingPointError(f"non-finite gradient norm at version {self.version}")
-            self.opt.step()
-            _acc(sums, "train/grad_norm", float(gn) / len(group_chunks))
+                tok, clipped = policy_loss(
+                    logp,
+                    old,
+                    m.advantages,
+                    mm,
+                    al.policy_loss,
+                    al.clip_low,
+                    al.clip_high,
+                    al.dual_clip,
+                    w,
+                )
+                if al.kl.mode == "loss":
+                    kl = kl_penalty(logp, x["ref"], al.kl.estimator) * mm
+                    tok = tok + kl_coef * kl
+                    _acc(sums, "train/kl", float(kl.detach().sum()) / n_tok)
+                elif x["ref"] is not None:
+                    kl = kl_penalty(logp.detach(), x["ref"], al.kl.estimator) * mm
+                    _acc(sums, "train/kl", float(kl.sum()) / n_tok)
+                if al.entropy_coef:
+                    tok = tok - al.entropy_coef * ent * mm
+                loss = aggregate(tok, mm, al.loss_agg, denom, norm_len)
+                if not policy_frozen:
+                    loss.backward()
+                _acc(sums, "train/loss", float(loss.detach()) / len(chunks))
+                _acc(sums, "train/entropy", float((ent.detach() * mm).sum()) / n_tok)
+                _acc(sums, "train/clip_frac", float(clipped.sum()) / n_tok)
+                diff = ((old - m.old_logprobs).abs() * m.response_mask).sum()
+                _acc(sums, "train/rollout_logprob_diff", float(diff) / n_tok)
+                if w is not None:
+                    _acc(sums, "train/is_weight", float((w * mm).sum()) / n_tok)
+            if not policy_frozen:
+                gn = self._step(self.model, self.opt, t.grad_clip)
+                _acc(sums, "train/grad_norm", gn / len(chunks))
+            if self.critic is not None:
+                vl = self._critic_step(mb, mbx, al.loss_agg, denom, norm_len)
+                _acc(sums, "train/value_loss", vl / len(chunks))
+        if al.kl.mode == "reward" and al.kl.adaptive and "train/kl_reward" in sums:
+            self.kl_ctl.update(sums["train/kl_reward"], len(gr.samples))
         self.version += 1
-        sums["train/loss"] /= len(group_chunks)
-        sums["train/lr"] = self.opt.param_groups[0]["lr"]
-        sums["train/tokens"] = n_tok_total
-        sums["train/version"] = self.version
+        sums.update(
+            {
+                "train/lr": self.opt.param_groups[0]["lr"],
+                "train/tokens": float(batch.num_tokens),
+                "train/version": self.version,
+                "train/kl_coef": kl_coef,
+                "train/adv_abs_mean": float((adv.abs() * mask).sum()) / n_tok,
+            }
+        )
         return sums
+
+    def _critic_step(
+        self, mb: TrainBatch, mbx: dict, agg: str, denom: float, norm_len: float
+    ) -> float:
+        assert self.critic is not None and self.critic_opt is not None
+        self.critic_opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in torch.arange(mb.input_ids.shape[0]).split(self.cfg.trainer.micro_batch_size):
+            m, x = _rows(mb, micro), _slice(mbx, micro, mb)
+            v = self._values(m)
+            tok = value_loss(
+                v, x["old_v"], x["ret"], m.response_mask, self.cfg.algorithm.critic.value_clip
+            )
+            loss = aggregate(tok, m.response_mask, agg, denom, norm_len)
+            loss.backward()
+            total += float(loss.detach())
+        self._step(self.critic, self.critic_opt, self.cfg.trainer.grad_clip)
+        return total
+
+    def _step(self, model: torch.nn.Module, opt: torch.optim.Optimizer, clip: float) -> float:
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+        if not torch.isfinite(gn):
+            opt.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"non-finite gradient norm at version {self.version}: the update was skipped; "
+                "lower trainer.lr or check the rewards"
+            )
+        opt.step()
+        return float(gn)
 
     def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """Full state dict (optionally cast), for weight sync."""
@@ -140,6 +246,12 @@ def _rows(b: TrainBatch, rows: torch.Tensor) -> TrainBatch:
         b.advantages[rows, :width],
         b.rewards[rows],
     )
+
+
+def _slice(extras: dict, rows: torch.Tensor, like: TrainBatch) -> dict:
+    """The same rows of the per-token extras, trimmed to the width `_rows` gives."""
+    width = int(like.attention_mask[rows].sum(-1).max())
+    return {k: (None if v is None else v[rows, :width]) for k, v in extras.items()}
 
 
 def _acc(d: dict[str, float], k: str, v: float) -> None:

@@ -29,7 +29,10 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("trainer.lr=-1e-6", "trainer.lr must be > 0, got -1e-06"),
         ("rollout.n_samples_per_prompt=1", "must be >= 2 for GRPO"),
         ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1]"),
-        ("algorithm.name=grop", "'grop' is not one of grpo. Did you mean 'grpo'?"),
+        (
+            "algorithm.advantage=grop",
+            "'grop' is not one of grpo, rloo, reinforce_pp, remax, gae. Did you mean 'grpo'?",
+        ),
         ("model.path=/no/such/model", "neither a zoo model"),
         ("trainer", "is not of the form key=value"),
     ],
@@ -93,7 +96,7 @@ def test_interpolation_and_types(tmp_path: Path) -> None:
 
 def test_defaults_are_valid() -> None:
     cfg = load_recipe(None)
-    assert cfg.algorithm.name == "grpo" and cfg.rollout.n_samples_per_prompt >= 2
+    assert cfg.algorithm.advantage == "grpo" and cfg.rollout.n_samples_per_prompt >= 2
 
 
 def test_error_is_config_error_in_process() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from rlsys.trainer.advantages import grpo
 from rlsys.trainer.logprobs import token_logprobs
-from rlsys.trainer.losses import aggregate, clipped_policy_loss, denominator
+from rlsys.trainer.losses import aggregate, denominator, policy_loss
 
 
 def test_grpo_by_hand() -> None:
@@ -33,7 +33,7 @@ def test_clipped_loss_by_hand() -> None:
     old = torch.zeros(1, 3)
     adv = torch.tensor([[1.0, -1.0, 2.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, clipped = clipped_policy_loss(logp, old, adv, mask, 0.2, 0.2)
+    loss, clipped = policy_loss(logp, old, adv, mask, "clipped", 0.2, 0.2)
     assert torch.allclose(loss, torch.tensor([[-1.2, 0.8, 0.0]]), atol=1e-6)
     assert clipped.tolist() == [[1.0, 1.0, 0.0]]
 

@@ -1,0 +1,168 @@
+"""Fused LM head + log-softmax gather + entropy, without materialising the [T, V] logits.
+
+For hidden states h [T, H], LM-head weight W [V, H], targets y [T] and temperature tau:
+
+    z_t  = W h_t / tau                              (never stored whole)
+    lse_t = log sum_v exp z_tv                      (online over vocabulary chunks)
+    lp_t = z_t[y_t] - lse_t
+    H_t  = lse_t - E_p[z_t] = log s_t - u_t / s_t,  s = sum e^{z - m}, u = sum e^{z - m}(z - m)
+
+The online update for a new chunk with running max m -> m' (alpha = e^{m - m'}):
+
+    s' = alpha s + sum e^{z - m'},   u' = alpha (u + (m - m') s) + sum e^{z - m'} (z - m')
+
+Backward, with incoming g_lp, g_H and p = softmax(z_t), E_t = E_p[z_t] = lse_t - H_t:
+
+    dL/dz_tv = g_lp (1[v = y_t] - p_v) - g_H p_v (z_tv - E_t)
+    dL/dh_t  = (1/tau) sum_v dz_tv W_v,     dL/dW_v = (1/tau) sum_t dz_tv h_t
+
+The backward recomputes z chunk by chunk from (h, W, lse, E), so the saved state is O(T).
+
+Backends: Triton (`logprob_triton.py`, CUDA or TRITON_INTERPRET=1) and a chunked torch path
+here (CPU). Both accumulate in float32 whatever the input dtype (bf16 allowed); gradients come
+back in the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlsys.kernels.backend import resolve
+from rlsys.kernels.reference import compute_dtype
+
+NEG = -1.0e30  # running-max start: finite, so (m - m') * s and e^{m - m'} never make NaN
+
+# Tile [CHUNK_T, CHUNK_V] fp32 = 8 MiB; the backward holds 2 tiles plus a [CHUNK_V, H] fp32
+# gradient chunk. Chosen on the 2-core Xeon at T=8192, H=576, V=49152 fp32 (see
+# benchmarks/kernels.py): 512 x 4096 ran fwd+bwd within 5% of 1024 x 8192 at a quarter of
+# the tile memory, while 128 x 1024 was 1.4x slower (Python and small-GEMM overhead).
+CHUNK_T = 512
+CHUNK_V = 4096
+
+
+def fused_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of `targets` and entropy under softmax(hidden @ weight.T / temperature).
+
+    hidden [T, H] float32/bfloat16, weight [V, H], targets [T] int -> (logprob [T] float32,
+    entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
+    (Triton on CUDA, chunked torch on CPU), "triton" or "torch".
+    """
+    _check(hidden, weight, targets, temperature)
+    if resolve(backend, hidden.device) == "triton":
+        from rlsys.kernels.logprob_triton import triton_logprob_entropy
+
+        return triton_logprob_entropy(hidden, weight, targets, temperature)
+    return chunked_logprob_entropy(hidden, weight, targets, temperature)
+
+
+def chunked_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_t: int = CHUNK_T,
+    chunk_v: int = CHUNK_V,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path: peak extra memory O(chunk_t x chunk_v + chunk_v x H + T x H)."""
+    return _ChunkedLogprobEntropy.apply(hidden, weight, targets, temperature, chunk_t, chunk_v)
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tau: float) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [T] = [{hidden.shape[0]}]")
+    if not tau > 0:
+        raise ValueError(f"temperature must be > 0, got {tau}")
+
+
+def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+def _target_cols(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose target lies in [v0, v1) and its column inside the chunk."""
+    inside = (targets >= v0) & (targets < v1)
+    return inside, (targets - v0).clamp(0, v1 - v0 - 1)
+
+
+class _ChunkedLogprobEntropy(torch.autograd.Function):
+    """Vocabulary chunks outside (each weight chunk is cast to fp32 once), token chunks inside;
+    the backward recomputes each logits tile instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v):
+        dt = compute_dtype(hidden, weight)
+        t_len, v_len = hidden.shape[0], weight.shape[0]
+        inv_tau = 1.0 / temperature
+        h = hidden.detach().to(dt)  # [T, H]; a copy only for bf16 inputs
+        y = targets.long()
+        m = torch.full((t_len,), NEG, dtype=dt, device=h.device)
+        s = torch.zeros_like(m)
+        u = torch.zeros_like(m)
+        zy = torch.zeros_like(m)
+        for v0, v1 in _spans(v_len, chunk_v):
+            w = weight.detach()[v0:v1].to(dt)  # [Cv, H]
+            for t0, t1 in _spans(t_len, chunk_t):
+                z = torch.mm(h[t0:t1], w.T).mul_(inv_tau)  # [Ct, Cv]
+                inside, col = _target_cols(y[t0:t1], v0, v1)
+                zy[t0:t1] += torch.where(inside, z.gather(1, col[:, None]).squeeze(1), 0.0)
+                m_old = m[t0:t1]
+                m_new = torch.maximum(m_old, z.amax(1))
+                alpha = torch.exp(m_old - m_new)
+                z.sub_(m_new[:, None])  # z - m'
+                e = torch.exp(z)
+                u[t0:t1] = alpha * (u[t0:t1] + (m_old - m_new) * s[t0:t1]) + (e * z).sum(1)
+                s[t0:t1] = alpha * s[t0:t1] + e.sum(1)
+                m[t0:t1] = m_new
+        log_s = torch.log(s)
+        lse = m + log_s
+        entropy = log_s - u / s
+        logprob = zy - lse
+        ctx.save_for_backward(hidden, weight, targets, lse, lse - entropy)
+        ctx.inv_tau, ctx.chunk_t, ctx.chunk_v = inv_tau, chunk_t, chunk_v
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, lse, ez = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if not (need_h or need_w):
+            return None, None, None, None, None, None
+        dt = lse.dtype
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(dt)
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(dt)
+        inv_tau, t_len, v_len = ctx.inv_tau, hidden.shape[0], weight.shape[0]
+        h = hidden.to(dt)
+        y = targets.long()
+        dh = torch.zeros_like(h) if need_h else None  # fp32 accumulator over vocab chunks
+        dw = torch.empty_like(weight) if need_w else None
+        for v0, v1 in _spans(v_len, ctx.chunk_v):
+            w = weight[v0:v1].to(dt)
+            dw_c = torch.zeros_like(w) if need_w else None
+            for t0, t1 in _spans(t_len, ctx.chunk_t):
+                z = torch.mm(h[t0:t1], w.T).mul_(inv_tau)
+                p = (z - lse[t0:t1, None]).exp_()
+                # dz = -p (g_lp + g_H (z - E)), built in z's buffer to keep two tiles live
+                dz = z.sub_(ez[t0:t1, None]).mul_(g_ent[t0:t1, None])
+                dz = dz.add_(g_lp[t0:t1, None]).mul_(p).neg_()
+                del p
+                inside, col = _target_cols(y[t0:t1], v0, v1)
+                dz.scatter_add_(1, col[:, None], torch.where(inside, g_lp[t0:t1], 0.0)[:, None])
+                dz.mul_(inv_tau)
+                if need_h:
+                    dh[t0:t1].addmm_(dz, w)
+                if need_w:
+                    dw_c.addmm_(dz.T, h[t0:t1])
+            if need_w:
+                dw[v0:v1] = dw_c
+        return (dh.to(hidden.dtype) if need_h else None), dw, None, None, None, None

@@ -1,0 +1,164 @@
+"""Triton backend of `fused_logprob_entropy` (math in `logprob.py`).
+
+Forward: one program per BLOCK_T tokens walks the vocabulary in BLOCK_V tiles, each tile's
+logits a BLOCK_H-chunked `tl.dot` over the hidden size, folded into the online statistics
+(m, s, u, z_y). Saves lse and E_p[z] per token: 8 bytes/token.
+
+Backward: one program per (BLOCK_T, BLOCK_V) tile recomputes the logits tile, forms dz and
+adds dz @ W into dh and dz^T @ h into dW with fp32 atomics (as Cut Cross-Entropy, Wijmans et
+al. 2024). That is 3 GEMM-sized passes after the forward's 1 (a non-atomic split into a dh
+kernel and a dW kernel would need 4); the price is run-to-run nondeterminism in the last bits
+of the gradients.
+
+Block sizes are untuned defaults (no GPU was available when this was written: the forward
+and backward were checked only in the interpreter); `benchmarks/kernels.py --gpu` is where
+to tune them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rlsys.kernels.backend import check_launchable
+
+BLOCK_T, BLOCK_V, BLOCK_H, NUM_WARPS = 64, 128, 64, 8
+
+
+@triton.jit
+def _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    """[BLOCK_T, BLOCK_V] fp32 tile of h @ W^T (masked rows/cols read as 0)."""
+    acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < HID
+        h = tl.load(H + offs_t[:, None] * stride_h + offs_h[None, :],
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        w = tl.load(W + offs_v[:, None] * stride_w + offs_h[None, :],
+                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(h, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
+def _logprob_fwd_kernel(H, W, Y, LP, ENT, LSE, EZ, T, V, HID, stride_h, stride_w, inv_tau,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    offs_t = offs_t.to(tl.int64)
+    y = tl.load(Y + offs_t, mask=mask_t, other=0)
+    # -1e30, not -inf: (m - m') * s and exp(m - m') stay finite in masked lanes (interpreter NaN)
+    m = tl.full([BLOCK_T], -1.0e30, dtype=tl.float32)
+    s = tl.zeros([BLOCK_T], dtype=tl.float32)
+    u = tl.zeros([BLOCK_T], dtype=tl.float32)
+    zy = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        mask_v = offs_v < V
+        z = _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
+                         BLOCK_T, BLOCK_V, BLOCK_H) * inv_tau  # fmt: skip
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        z = tl.where(mask_v[None, :], z, -1.0e30)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        zc = z - m_new[:, None]
+        e = tl.exp(zc)
+        u = alpha * (u + (m - m_new) * s) + tl.sum(e * zc, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    ent = log_s - u / s
+    tl.store(LP + offs_t, zy - lse, mask=mask_t)
+    tl.store(ENT + offs_t, ent, mask=mask_t)
+    tl.store(LSE + offs_t, lse, mask=mask_t)
+    tl.store(EZ + offs_t, lse - ent, mask=mask_t)
+
+
+@triton.jit
+def _logprob_bwd_kernel(H, W, Y, LSE, EZ, GLP, GENT, DH, DW, T, V, HID, stride_h, stride_w,
+                        inv_tau, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                        BLOCK_H: tl.constexpr):  # fmt: skip
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_t = offs_t < T
+    mask_v = offs_v < V
+    offs_t = offs_t.to(tl.int64)
+    offs_v = offs_v.to(tl.int64)
+    z = _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
+                     BLOCK_T, BLOCK_V, BLOCK_H) * inv_tau  # fmt: skip
+    y = tl.load(Y + offs_t, mask=mask_t, other=0)
+    lse = tl.load(LSE + offs_t, mask=mask_t, other=0.0)
+    ez = tl.load(EZ + offs_t, mask=mask_t, other=0.0)
+    glp = tl.load(GLP + offs_t, mask=mask_t, other=0.0)
+    gent = tl.load(GENT + offs_t, mask=mask_t, other=0.0)
+    p = tl.exp(z - lse[:, None])
+    dz = -p * (glp[:, None] + gent[:, None] * (z - ez[:, None]))
+    dz += tl.where(offs_v[None, :] == y[:, None], glp[:, None], 0.0)
+    dz = tl.where(mask_t[:, None] & mask_v[None, :], dz * inv_tau, 0.0)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < HID
+        h = tl.load(H + offs_t[:, None] * stride_h + offs_h[None, :],
+                    mask=mask_t[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        w = tl.load(W + offs_v[:, None] * stride_w + offs_h[None, :],
+                    mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
+        dh = tl.dot(dz.to(w.dtype), w)  # [BLOCK_T, BLOCK_H]
+        tl.atomic_add(DH + offs_t[:, None] * HID + offs_h[None, :], dh,
+                      mask=mask_t[:, None] & mask_h[None, :])  # fmt: skip
+        dw = tl.dot(tl.trans(dz.to(h.dtype)), h)  # [BLOCK_V, BLOCK_H]
+        tl.atomic_add(DW + offs_v[:, None] * HID + offs_h[None, :], dw,
+                      mask=mask_v[:, None] & mask_h[None, :])  # fmt: skip
+
+
+def triton_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    blocks: tuple[int, int, int] = (BLOCK_T, BLOCK_V, BLOCK_H),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernels: (logprob [T], entropy [T]) float32, differentiable.
+
+    blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum).
+    """
+    if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
+        raise TypeError("the Triton path takes float32/bfloat16/float16 inputs, not float64")
+    check_launchable(_logprob_fwd_kernel, hidden.device)
+    return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, blocks)
+
+
+class _TritonLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, blocks):
+        h, w, y = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+        (t_len, hid), v_len = h.shape, w.shape[0]
+        bt, bv, bh = blocks
+        lp, ent, lse, ez = (
+            torch.empty(t_len, dtype=torch.float32, device=h.device) for _ in range(4)
+        )
+        _logprob_fwd_kernel[(triton.cdiv(t_len, bt),)](
+            h, w, y, lp, ent, lse, ez, t_len, v_len, hid, h.stride(0), w.stride(0),
+            1.0 / temperature, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        ctx.save_for_backward(h, w, y, lse, ez)
+        ctx.inv_tau, ctx.blocks = 1.0 / temperature, blocks
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        h, w, y, lse, ez = ctx.saved_tensors
+        (t_len, hid), v_len = h.shape, w.shape[0]
+        bt, bv, bh = ctx.blocks
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        dh = torch.zeros(t_len, hid, dtype=torch.float32, device=h.device)
+        dw = torch.zeros(v_len, hid, dtype=torch.float32, device=h.device)
+        grid = (triton.cdiv(t_len, bt), triton.cdiv(v_len, bv))
+        _logprob_bwd_kernel[grid](
+            h, w, y, lse, ez, g_lp, g_ent, dh, dw, t_len, v_len, hid, h.stride(0),
+            w.stride(0), ctx.inv_tau, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, num_warps=NUM_WARPS,
+        )  # fmt: skip
+        return dh.to(h.dtype), dw.to(w.dtype), None, None, None

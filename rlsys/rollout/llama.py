@@ -1,0 +1,347 @@
+"""Llama forward over a slot KV cache, for the native engine.
+
+The math is Hugging Face's `LlamaForCausalLM` (RMSNorm, RoPE with the config's rope_theta and
+static rope scaling, grouped-query attention, SwiGLU MLP, optionally tied LM head), written
+so that the engine owns the cache:
+
+- Weights are fused and stacked per kind: `qkv[l] = cat(q_proj, k_proj, v_proj)`,
+  `gate_up[l] = cat(gate_proj, up_proj)`, so a layer is 4 matmuls instead of 7. `params` maps
+  every HF state-dict name to a view into these tensors; loading and `update_weights` copy into
+  the views, so nothing is reallocated.
+- The KV cache is one preallocated tensor `kv[layer, k|v, slot, kv_head, position, head_dim]`.
+  A sequence owns a slot; slots `0..B-1` are the running batch (the engine keeps them
+  compacted), so decode attention reads `kv[l, :, :B, :, :len]` as a strided view, no gather.
+
+Shapes in comments: T packed prefill tokens, B running rows, H hidden, D head_dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# RoPE types whose inverse frequencies do not depend on the sequence length.
+_STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The architecture numbers the forward needs, read from an HF `LlamaConfig`."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    max_positions: int
+    tied: bool
+    inv_freq: tuple[float, ...]  # RoPE inverse frequencies, [D/2]
+    rope_scale: float  # "attention_scaling" of yarn/longrope; 1.0 otherwise
+
+    @classmethod
+    def from_hf_config(cls, config) -> LlamaSpec:
+        if getattr(config, "model_type", "llama") != "llama":
+            raise NotImplementedError(f"native engine supports Llama, not {config.model_type}")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise NotImplementedError("native engine: attention_bias / mlp_bias not supported")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"native engine: hidden_act {config.hidden_act}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
+            config.num_attention_heads
+        )
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+        rope = dict(rope or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _STATIC_ROPE:
+            raise NotImplementedError(f"native engine: rope_type {rope_type!r} (length-dependent)")
+        if rope_type == "default":
+            theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scale = 1.0
+        else:  # the HF init functions are the reference for the scaled variants
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv, scale = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        return cls(
+            vocab=config.vocab_size,
+            hidden=config.hidden_size,
+            layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            eps=float(config.rms_norm_eps),
+            max_positions=config.max_position_embeddings,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            inv_freq=tuple(float(x) for x in inv),
+            rope_scale=float(scale),
+        )
+
+    @property
+    def num_params(self) -> int:
+        h, i, d = self.hidden, self.intermediate, self.head_dim
+        attn = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
+        per_layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tied else self.vocab * h
+        return self.vocab * h + self.layers * per_layer + h + head
+
+
+@dataclass
+class PrefillPlan:
+    """Index tensors for one batched prefill of P sequences packed into T tokens."""
+
+    ids: torch.Tensor  # [T] token ids, sequences back to back (grouped, see `groups`)
+    pos: torch.Tensor  # [T] position of each token in its sequence
+    last: torch.Tensor  # [P] packed index of each sequence's last token
+    write_rows: torch.Tensor  # [N] cache slot of each (token, sample) write, N = sum(len * n)
+    write_pos: torch.Tensor  # [N] cache position of that write
+    write_src: torch.Tensor  # [N] packed token it copies
+    # Attention groups: (start, end, count, pad_len, pad_index or None). Tokens [start, end) are
+    # `count` sequences; pad_index [end-start] scatters them into a [count * pad_len] buffer,
+    # None when all have length pad_len (then a view suffices).
+    groups: list[tuple[int, int, int, int, torch.Tensor | None]]
+
+
+def plan_prefill(seqs: list[list[int]], rows: list[list[int]], device: torch.device) -> PrefillPlan:
+    """Pack `seqs` for one prefill pass; sequence i's KV goes to every slot in `rows[i]`.
+
+    Attention runs on padded groups of similar length: sequences sorted by length join a group
+    while its padded size stays <= 1.5x its real tokens, so one long prompt does not make 63
+    short ones pay for its length (padded causal attention is O(count * pad_len^2)).
+    """
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    ids: list[int] = []
+    pos: list[int] = []
+    last = [0] * len(seqs)
+    w_rows: list[int] = []
+    w_pos: list[int] = []
+    w_src: list[int] = []
+    groups: list[tuple[int, int, int, int, torch.Tensor | None]] = []
+    g_members: list[int] = []
+
+    def close_group() -> None:
+        if not g_members:
+            return
+        lens = [len(seqs[i]) for i in g_members]
+        pad_len, count = lens[0], len(lens)
+        end = len(ids)
+        start = end - sum(lens)
+        index = None
+        if any(n != pad_len for n in lens):
+            index = torch.tensor(
+                [k * pad_len + t for k, n in enumerate(lens) for t in range(n)], device=device
+            )
+        groups.append((start, end, count, pad_len, index))
+        g_members.clear()
+
+    g_real = 0
+    for i in order:
+        n = len(seqs[i])
+        if g_members and (len(g_members) + 1) * len(seqs[g_members[0]]) > 1.5 * (g_real + n):
+            close_group()
+            g_real = 0
+        g_members.append(i)
+        g_real += n
+        start = len(ids)
+        ids.extend(seqs[i])
+        pos.extend(range(n))
+        last[i] = start + n - 1
+        for r in rows[i]:
+            w_rows.extend([r] * n)
+            w_pos.extend(range(n))
+            w_src.extend(range(start, start + n))
+    close_group()
+
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return PrefillPlan(t(ids), t(pos), t(last), t(w_rows), t(w_pos), t(w_src), groups)
+
+
+class LlamaModel:
+    """Llama weights (fused, in place) and the prefill/decode forward over a slot cache."""
+
+    def __init__(self, spec: LlamaSpec, dtype: torch.dtype, device: torch.device) -> None:
+        s = spec
+        self.spec, self.dtype, self.device = s, dtype, device
+        h, d, i = s.hidden, s.head_dim, s.intermediate
+        self.q_dim, self.kv_dim = s.heads * d, s.kv_heads * d
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.embed = empty(s.vocab, h)
+        self.qkv = empty(s.layers, self.q_dim + 2 * self.kv_dim, h)
+        self.o = empty(s.layers, h, self.q_dim)
+        self.gate_up = empty(s.layers, 2 * i, h)
+        self.down = empty(s.layers, h, i)
+        self.ln_attn = empty(s.layers, h)
+        self.ln_mlp = empty(s.layers, h)
+        self.norm = empty(h)
+        self.lm_head = self.embed if s.tied else empty(s.vocab, h)
+
+        # HF name -> view into the fused storage (the copy target of load/update).
+        p: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed}
+        p["model.norm.weight"] = self.norm
+        if not s.tied:
+            p["lm_head.weight"] = self.lm_head
+        q, kv = self.q_dim, self.kv_dim
+        for layer in range(s.layers):
+            pre = f"model.layers.{layer}."
+            p[pre + "self_attn.q_proj.weight"] = self.qkv[layer, :q]
+            p[pre + "self_attn.k_proj.weight"] = self.qkv[layer, q : q + kv]
+            p[pre + "self_attn.v_proj.weight"] = self.qkv[layer, q + kv :]
+            p[pre + "self_attn.o_proj.weight"] = self.o[layer]
+            p[pre + "mlp.gate_proj.weight"] = self.gate_up[layer, :i]
+            p[pre + "mlp.up_proj.weight"] = self.gate_up[layer, i:]
+            p[pre + "mlp.down_proj.weight"] = self.down[layer]
+            p[pre + "input_layernorm.weight"] = self.ln_attn[layer]
+            p[pre + "post_attention_layernorm.weight"] = self.ln_mlp[layer]
+        self.params = p
+
+        # RoPE tables as HF builds them: fp32 angles, cos/sin cast to the model dtype.
+        inv = torch.tensor(s.inv_freq, dtype=torch.float32)
+        ang = torch.arange(s.max_positions, dtype=torch.float32)[:, None] * inv[None, :]
+        emb = torch.cat([ang, ang], dim=-1)  # [max_positions, D]
+        self.cos = (emb.cos() * s.rope_scale).to(dtype=dtype, device=device)
+        self.sin = (emb.sin() * s.rope_scale).to(dtype=dtype, device=device)
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def check_weights(self, named: Mapping[str, torch.Tensor], require_all: bool) -> None:
+        """Raise ValueError listing unknown, missing and mis-shaped tensors (changes nothing)."""
+        unknown = [k for k in named if k not in self.params and k != "lm_head.weight"]
+        bad = [
+            f"{k}: got {tuple(t.shape)}, expected {tuple(self.params[k].shape)}"
+            for k, t in named.items()
+            if k in self.params and tuple(t.shape) != tuple(self.params[k].shape)
+        ]
+        if "lm_head.weight" in named and self.spec.tied:
+            if tuple(named["lm_head.weight"].shape) != tuple(self.embed.shape):
+                bad.append(f"lm_head.weight: got {tuple(named['lm_head.weight'].shape)}")
+        missing = [k for k in self.params if k not in named] if require_all else []
+        if unknown or missing or bad:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {missing[:5]}")
+            if unknown:
+                parts.append(f"unknown {len(unknown)}: {unknown[:5]}")
+            if bad:
+                parts.append(f"mis-shaped {len(bad)}: {bad[:5]}")
+            raise ValueError("weight update rejected, nothing changed; " + "; ".join(parts))
+        nonfinite = [k for k, t in named.items() if t.is_floating_point() and t.isinf().any()]
+        if nonfinite:
+            raise ValueError(f"weight update rejected: infinite values in {nonfinite[:5]}")
+
+    @torch.inference_mode()
+    def load(self, named: Mapping[str, torch.Tensor], require_all: bool = True) -> None:
+        """Validate everything first, then copy each tensor into its view (casts dtype and
+        device); a tied model's `lm_head.weight` is ignored (it is the embedding)."""
+        self.check_weights(named, require_all)
+        for k, t in named.items():
+            if k in self.params:
+                self.params[k].copy_(t)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # HF order: normalize in fp32, cast back, then scale (so bf16 rounds where HF does).
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.eps).to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [N, heads, D], cos/sin [N, 1, D]; rotate_half as in HF.
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def _qkv(self, x: torch.Tensor, layer: int, cos: torch.Tensor, sin: torch.Tensor):
+        s = self.spec
+        qkv = F.linear(self._rms(x, self.ln_attn[layer]), self.qkv[layer])
+        n = qkv.shape[0]
+        # RoPE once on q and k together (one set of elementwise ops instead of two).
+        qk = self._rope(qkv[:, : self.q_dim + self.kv_dim].view(n, -1, s.head_dim), cos, sin)
+        q, k = qk[:, : s.heads], qk[:, s.heads :]
+        v = qkv[:, self.q_dim + self.kv_dim :].view(n, s.kv_heads, s.head_dim)
+        return q, k, v
+
+    def _mlp_residual(self, x: torch.Tensor, attn: torch.Tensor, layer: int) -> torch.Tensor:
+        x = x + F.linear(attn, self.o[layer])
+        gu = F.linear(self._rms(x, self.ln_mlp[layer]), self.gate_up[layer])
+        g, u = gu.split(self.spec.intermediate, dim=-1)
+        return x + F.linear(F.silu(g) * u, self.down[layer])
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._rms(x, self.norm), self.lm_head).float()
+
+    def new_cache(self, slots: int, max_len: int) -> torch.Tensor:
+        s = self.spec
+        shape = (s.layers, 2, slots, s.kv_heads, max_len, s.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def prefill(self, plan: PrefillPlan, kv: torch.Tensor) -> torch.Tensor:
+        """Run the packed prompts, write their K/V to every target slot, return the fp32
+        logits of each sequence's last token, [P, V]."""
+        s = self.spec
+        x = F.embedding(plan.ids, self.embed)  # [T, H]
+        cos, sin = self.cos[plan.pos].unsqueeze(1), self.sin[plan.pos].unsqueeze(1)
+        t = x.shape[0]
+        for layer in range(s.layers):
+            q, k, v = self._qkv(x, layer, cos, sin)  # [T, heads|kv_heads, D]
+            # One index_put per layer writes the prompt's K/V into all n sample slots: the
+            # prefix is computed once per group and copied, not recomputed n times.
+            kv[layer, :, plan.write_rows, :, plan.write_pos] = torch.stack([k, v], dim=1)[
+                plan.write_src
+            ]
+            out = torch.empty((t, s.heads, s.head_dim), dtype=x.dtype, device=x.device)
+            for start, end, count, pad_len, index in plan.groups:
+                out[start:end] = self._group_attention(
+                    q[start:end], k[start:end], v[start:end], count, pad_len, index
+                )
+            x = self._mlp_residual(x, out.view(t, self.q_dim), layer)
+        return self._logits(x[plan.last])
+
+    def _group_attention(self, q, k, v, count: int, pad_len: int, index) -> torch.Tensor:
+        def pad(z: torch.Tensor) -> torch.Tensor:  # [n, h, D] -> [count, h, pad_len, D]
+            if index is not None:
+                buf = z.new_zeros((count * pad_len, z.shape[1], z.shape[2]))
+                buf[index] = z
+                z = buf
+            return z.view(count, pad_len, z.shape[1], z.shape[2]).transpose(1, 2)
+
+        # Right padding + causal mask: real queries never see the padded keys after them.
+        o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), is_causal=True, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(count * pad_len, q.shape[1], q.shape[2])
+        return o if index is None else o[index]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int, kv: torch.Tensor):
+        """One token for each of the B running rows (slots 0..B-1): `tokens[b]` sits at
+        position `pos[b]`; `kv_len = max(pos) + 1`. Returns fp32 logits [B, V]."""
+        s = self.spec
+        b = tokens.shape[0]
+        rows = torch.arange(b, device=tokens.device)
+        x = F.embedding(tokens, self.embed)  # [B, H]
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        # Rows are at different lengths: mask keys past each row's own position.
+        keys = torch.arange(kv_len, device=tokens.device)
+        mask = (keys[None, :] <= pos[:, None]).view(b, 1, 1, kv_len)
+        group = s.heads // s.kv_heads
+        for layer in range(s.layers):
+            q, k, v = self._qkv(x, layer, cos, sin)
+            kv[layer, :, rows, :, pos] = torch.stack([k, v], dim=1)  # [B, 2, kv_heads, D]
+            cache = kv[layer, :, :b, :, :kv_len]  # [2, B, kv_heads, L, D], a view
+            # GQA without repeating K/V: the `group` query heads that share a kv head are
+            # the "query positions" of one attention call against that head.
+            o = F.scaled_dot_product_attention(
+                q.reshape(b, s.kv_heads, group, s.head_dim), cache[0], cache[1], attn_mask=mask
+            )
+            x = self._mlp_residual(x, o.reshape(b, self.q_dim), layer)
+        return self._logits(x)
