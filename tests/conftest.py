@@ -38,3 +38,18 @@ def smollm_path() -> str:
     from rlsys import models
 
     return models.resolve(models.SMOLLM2)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests are deselected (not skipped) unless --gpu is given."""
+    if config.getoption("--gpu"):
+        return
+    keep = [i for i in items if i.get_closest_marker("gpu") is None]
+    dropped = [i for i in items if i.get_closest_marker("gpu") is not None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
