@@ -31,6 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="path to a recipe .yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     t.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a saved checkpoint on the recipe's held-out split",
+        description="Greedy accuracy and pass@k of a Hugging Face checkpoint on the recipe's "
+        "held-out split; prints a table and writes JSON.",
+    )
+    e.add_argument("recipe", help="path to a recipe .yaml (task, reward, eval settings)")
+    e.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    e.add_argument("--checkpoint", required=True, help="Hugging Face folder (e.g. runs/x/final)")
+    e.add_argument("--out", help="JSON output path (default: CHECKPOINT/eval.json)")
     return p
 
 
@@ -39,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after flags (`train r.yaml --print-config a=1`).
     args, extra = parser.parse_known_args(argv)
     bad = [x for x in extra if x.startswith("-")]
-    if bad or (extra and args.command != "train"):
+    if bad or (extra and args.command not in ("train", "eval")):
         parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -48,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         cfg = load_recipe(args.recipe, args.overrides)
+        if args.command == "eval":
+            from rlsys.evaluate import evaluate_checkpoint
+
+            evaluate_checkpoint(cfg, args.checkpoint, args.out)
+            return 0
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0

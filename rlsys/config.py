@@ -176,6 +176,8 @@ class TrainerConfig:
     """Samples per forward/backward; gradients accumulate over micro-batches."""
     autocast_bf16: bool = True
     """Run forward/backward matmuls in bfloat16 autocast (fp32 master weights)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in backward (policy and critic): less memory."""
     ranks: int = 1
     """Trainer actors (one here; DeepSpeed data parallel comes with the sharded trainer)."""
 
@@ -186,6 +188,20 @@ class RewardConfig:
     """`pkg.module:fn` or `path/to/file.py:fn`; null uses the built-in task's verifier."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to `fn` on every call."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate on the held-out split every N steps (and after the last); 0 = never."""
+    num_prompts: int = 64
+    """Held-out prompts per evaluation (the first N of the split)."""
+    k: int = 4
+    """Samples per prompt for pass@k / mean@k; 1 = greedy only."""
+    max_new_tokens: int | None = None
+    """Response cap for evaluation; null = rollout.max_new_tokens."""
+    solve_threshold: float = 1.0
+    """A response counts as solved when its reward is at least this."""
 
 
 @dataclass
@@ -205,6 +221,10 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     plot: bool = True
     """Write `plot.png` (reward and loss per step) at the end."""
+    samples_every: int = 5
+    """Log a W&B table of sample rollouts every N steps; 0 = never."""
+    samples_per_table: int = 16
+    """Rows in each samples table."""
 
 
 @dataclass
@@ -231,6 +251,7 @@ class RecipeConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -396,6 +417,10 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("rollout.temperature", cfg.rollout.temperature)
     _positive("rollout.workers", cfg.rollout.workers)
     _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    _positive("eval.every", cfg.eval.every, allow_zero=True)
+    _positive("eval.num_prompts", cfg.eval.num_prompts)
+    _positive("eval.k", cfg.eval.k)
+    _positive("logging.samples_every", cfg.logging.samples_every, allow_zero=True)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):

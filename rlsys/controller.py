@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from rlsys.config import RecipeConfig, to_dict, to_yaml
+from rlsys.config import ConfigError, RecipeConfig, to_dict, to_yaml
 
 
 def make_run_dir(cfg: RecipeConfig, recipe_path: str | None) -> Path:
@@ -76,7 +76,10 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     build_reward(cfg.reward.fn, cfg.reward.kwargs, cfg.data.task)
     model_path = models.resolve(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_prompts, _eval_prompts = load_splits(cfg.data, tokenizer, cfg.seed)
+    train_prompts, eval_prompts = load_splits(cfg.data, tokenizer, cfg.seed)
+    if cfg.eval.every and not eval_prompts:
+        raise ConfigError("eval.every is set but there is no held-out split: set data.eval_path")
+    eval_prompts = eval_prompts[: cfg.eval.num_prompts]
     stream = PromptStream(train_prompts, cfg.seed)
 
     run_dir = make_run_dir(cfg, recipe_path)
@@ -119,7 +122,21 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
             metrics["perf/step_s"] = time.perf_counter() - t0
             if "reward/first_error" in metrics:
                 logger.info(f"[yellow]reward error (first seen): {metrics['reward/first_error']}")
-            logger.log(step, metrics)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
+                seed = cfg.seed + 7919
+                metrics.update(ray.get(workers[0].evaluate.remote(eval_prompts, cfg.eval.k, seed)))
+            hists = {
+                "reward/hist": [float(s.reward) for g in groups for s in g.samples if s.trainable],
+                "rollout/length_hist": [
+                    float(len(s.response_ids)) for g in groups for s in g.samples
+                ],
+            }
+            logger.log(step, metrics, hists)
+            every = cfg.logging.samples_every
+            if every and (step % every == 0 or step == 1):
+                logger.log_samples(
+                    step, _sample_rows(groups, version, cfg.logging.samples_per_table)
+                )
             summary["rewards"].append(metrics["reward/mean"])
         final = run_dir / "final"
         ray.get(trainer.save_pretrained.remote(str(final)))
@@ -188,6 +205,28 @@ def _collect_groups(
     if ds_cfg.enabled:
         stats.update({"rollout/dropped_groups": dropped, "rollout/groups_trained": len(groups)})
     return groups, outs, stats
+
+
+def _sample_rows(groups: list, version: int, n: int) -> list[dict[str, Any]]:
+    """Rows for the samples table: prompt, response, reward parts, length, staleness."""
+    rows = []
+    for g in groups:
+        for s in g.samples:
+            if len(rows) >= n:
+                return rows
+            rows.append(
+                {
+                    "group": g.group_id,
+                    "prompt": g.prompt_text,
+                    "response": s.meta.get("response_text", ""),
+                    "reward": float(s.reward),
+                    "parts": dict(s.reward_info),
+                    "length": len(s.response_ids),
+                    "staleness": version - 1 - min(s.versions, default=version - 1),
+                    "trainable": s.trainable,
+                }
+            )
+    return rows
 
 
 def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:

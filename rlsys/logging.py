@@ -47,14 +47,21 @@ class RunLogger:
                 config=config,
             )
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Record one step: console line, jsonl row, W&B."""
+    def log(
+        self, step: int, metrics: dict[str, Any], hists: dict[str, list[float]] | None = None
+    ) -> None:
+        """Record one step: console line, jsonl row, W&B (scalars and histograms)."""
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
+            import wandb
+
+            data: dict[str, Any] = {k: v for k, v in row.items() if isinstance(v, int | float)}
+            for k, vs in (hists or {}).items():
+                data[k] = wandb.Histogram(vs)
+            self.wandb.log(data, step=step)
         elapsed = time.perf_counter() - self.t_start
         eta = elapsed / step * (self.total - step) if step else float("nan")
         self.console.print(
@@ -63,6 +70,24 @@ class RunLogger:
             f"| {row.get('rollout/tok_per_s', 0):6.0f} tok/s "
             f"| {row.get('perf/step_s', 0):5.1f} s/step | ETA {_fmt_eta(eta)}"
         )
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A table of sample rollouts: `samples.jsonl` in the run dir and a W&B table."""
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps({"step": step, **r}) + "\n")
+        if self.wandb is not None and rows:
+            import wandb
+
+            cols = list(rows[0])
+            table = wandb.Table(
+                columns=cols,
+                data=[
+                    [json.dumps(r[c]) if isinstance(r[c], dict) else r[c] for c in cols]
+                    for r in rows
+                ],
+            )
+            self.wandb.log({"samples/rollouts": table}, step=step)
 
     def info(self, msg: str) -> None:
         self.console.print(msg)

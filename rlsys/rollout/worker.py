@@ -114,6 +114,36 @@ class RolloutWorker:
             stats["reward/first_error"] = first_error
         return {"groups": groups, "stats": stats}
 
+    def evaluate(self, prompts: list[Prompt], k: int, seed: int) -> dict[str, float]:
+        """Greedy accuracy and pass@k / mean@k (k samples at the rollout temperature) on
+        `prompts`. A response counts as solved when its reward >= `eval.solve_threshold`."""
+        r, ev = self.cfg.rollout, self.cfg.eval
+        max_new = ev.max_new_tokens or r.max_new_tokens
+        ids = [p.prompt_ids for p in prompts]
+        out: dict[str, float] = {}
+        greedy = self.engine.generate(ids, 1, max_new, r.temperature, 1.0, seed, greedy=True)
+        scores = [self._score_one(p, g[0])[0] for p, g in zip(prompts, greedy, strict=True)]
+        out["eval/greedy_reward"] = sum(scores) / len(scores)
+        out["eval/greedy_acc"] = sum(x >= ev.solve_threshold for x in scores) / len(scores)
+        if k > 1:
+            gens = self.engine.generate(ids, k, max_new, r.temperature, r.top_p, seed)
+            solved = [
+                [self._score_one(p, g)[0] >= ev.solve_threshold for g in group]
+                for p, group in zip(prompts, gens, strict=True)
+            ]
+            # With n = k samples the unbiased pass@k estimator 1 - C(n-c, k)/C(n, k) is 1[c > 0].
+            out[f"eval/pass@{k}"] = sum(any(s) for s in solved) / len(solved)
+            out[f"eval/mean@{k}"] = sum(sum(s) / k for s in solved) / len(solved)
+        out["eval/prompts"] = float(len(prompts))
+        return out
+
+    def _score_one(self, prompt: Prompt, g) -> tuple[float, dict[str, float]]:
+        text = self.tokenizer.decode(g.tokens, skip_special_tokens=True)
+        try:
+            return self.reward(prompt.text, text, prompt.meta)
+        except Exception:
+            return 0.0, {"error": 1.0}
+
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load new policy weights in place; returns the new version."""
         missing, unexpected = self.model.load_state_dict(state, strict=False)

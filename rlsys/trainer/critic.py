@@ -17,6 +17,7 @@ class Critic(nn.Module):
 
         self.backbone = AutoModel.from_pretrained(model_path, dtype=dtype)
         self.backbone.config.use_cache = False
+        self.backbone.train()
         hidden = self.backbone.config.hidden_size
         self.head = nn.Linear(hidden, 1, dtype=dtype)
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)

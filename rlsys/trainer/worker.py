@@ -63,6 +63,11 @@ class TrainerWorker:
             self.critic_opt = torch.optim.AdamW(
                 self.critic.parameters(), lr=al.critic.lr, betas=tuple(t.betas)
             )
+        if t.gradient_checkpointing:
+            kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+            self.model.gradient_checkpointing_enable(**kw)
+            if self.critic is not None:
+                self.critic.backbone.gradient_checkpointing_enable(**kw)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.version = 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,11 @@ def test_two_step_run_trains_logs_and_exports(tmp_path: Path, tiny_model_path: s
             f"reward.fn={ROOT}/tests/assets/rewards.py:length_reward",
             "reward.kwargs={scale: 30.0}",
             f"logging.run_dir={tmp_path}/run",
+            "eval.every=2",
+            "eval.num_prompts=4",
+            "eval.k=2",
+            "logging.samples_every=1",
+            "logging.samples_per_table=5",
         ],
     )
     summary = train(cfg, "quickstart.yaml")
@@ -48,7 +55,46 @@ def test_two_step_run_trains_logs_and_exports(tmp_path: Path, tiny_model_path: s
         assert r["rollout/tokens"] > 0 and r["buffer/depth"] == 0
     assert (run / "plot.png").stat().st_size > 1000
     assert (run / "config.yaml").is_file()
-    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run folder"
+    assert "eval/greedy_acc" in rows[1] and "eval/pass@2" in rows[1]
+    assert "eval/greedy_acc" not in rows[0]  # every 2 steps
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 10 and {s["step"] for s in samples} == {1, 2}
+    assert all(s["staleness"] == 0 and s["length"] > 0 for s in samples)  # on-policy
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline, "no offline W&B run folder"
+    # The offline run's record stream holds every namespaced metric key (protobuf strings).
+    stream = next(offline[0].glob("run-*.wandb")).read_bytes()
+    for key in ("reward/mean", "train/loss", "perf/step_s", "sync/seconds", "reward/hist"):
+        assert stream.count(key.encode()) >= 2, key  # logged at both steps
+    assert stream.count(b"eval/greedy_acc") >= 1
+    tables = list((offline[0] / "files" / "media" / "table" / "samples").glob("rollouts_*.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[0].read_text())
+    assert "response" in table["columns"] and len(table["data"]) == 5
+
+    # `rlsys eval` on the exported checkpoint prints its accuracy and writes JSON.
+    out = tmp_path / "eval.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlsys.cli",
+            "eval",
+            str(ROOT / "recipes" / "quickstart.yaml"),
+            "--checkpoint",
+            summary["checkpoint"],
+            "--out",
+            str(out),
+            "eval.num_prompts=3",
+            f"reward.fn={ROOT}/tests/assets/rewards.py:length_reward",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "eval/greedy_acc" in r.stdout
+    assert json.loads(out.read_text())["eval/prompts"] == 3.0
 
     # The exported policy loads in transformers and differs from the initial weights.
     exported = AutoModelForCausalLM.from_pretrained(summary["checkpoint"])

@@ -1,0 +1,47 @@
+"""`rlsys eval`: evaluate a saved checkpoint on a recipe's held-out split.
+
+Greedy accuracy and pass@k / mean@k (see `RolloutWorker.evaluate`), printed as a table and
+written as JSON (default `<checkpoint>/eval.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rlsys.config import ConfigError, RecipeConfig, to_dict
+
+
+def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str, out: str | None = None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import AutoTokenizer
+
+    from rlsys.data import load_splits
+    from rlsys.reward.api import build_reward
+    from rlsys.rollout.worker import RolloutWorker
+
+    ckpt = Path(checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise ConfigError(f"--checkpoint {ckpt}: not a Hugging Face model folder (no config.json)")
+    build_reward(cfg.reward.fn, cfg.reward.kwargs, cfg.data.task)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    _, held = load_splits(cfg.data, tokenizer, cfg.seed)
+    if not held:
+        raise ConfigError("this recipe has no held-out split: set data.eval_path")
+    prompts = held[: cfg.eval.num_prompts]
+    worker = RolloutWorker(to_dict(cfg), str(ckpt))
+    res: dict[str, Any] = worker.evaluate(prompts, cfg.eval.k, cfg.seed + 7919)
+    res["checkpoint"] = str(ckpt)
+    table = Table(title=f"eval: {ckpt}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in res.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}" if "prompts" not in k else f"{v:.0f}")
+    Console().print(table)
+    path = Path(out) if out else ckpt / "eval.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    Console().print(f"wrote {path}")
+    return res
