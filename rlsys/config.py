@@ -173,7 +173,12 @@ class TrainerConfig:
     mini_batches: int = 1
     """Optimizer steps per rollout batch (PPO-style reuse; 1 = strictly on-policy)."""
     micro_batch_size: int = 16
-    """Samples per forward/backward; gradients accumulate over micro-batches."""
+    """Samples per forward/backward when packing is off; gradients accumulate."""
+    packing: bool = True
+    """Pack samples into rows of `micro_batch_tokens` (no padding compute, no cross-sample
+    attention) instead of padded micro-batches of `micro_batch_size`."""
+    micro_batch_tokens: int = 2048
+    """Token budget of one packed micro-batch."""
     autocast_bf16: bool = True
     """Run forward/backward matmuls in bfloat16 autocast (fp32 master weights)."""
     gradient_checkpointing: bool = False
@@ -412,6 +417,7 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("trainer.grad_clip", cfg.trainer.grad_clip, allow_zero=True)
     _positive("trainer.mini_batches", cfg.trainer.mini_batches)
     _positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
+    _positive("trainer.micro_batch_tokens", cfg.trainer.micro_batch_tokens)
     _positive("rollout.prompts_per_step", cfg.rollout.prompts_per_step)
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)

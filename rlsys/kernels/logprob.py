@@ -32,12 +32,13 @@ from rlsys.kernels.reference import compute_dtype
 
 NEG = -1.0e30  # running-max start: finite, so (m - m') * s and e^{m - m'} never make NaN
 
-# Tile [CHUNK_T, CHUNK_V] fp32 = 8 MiB; the backward holds 2 tiles plus a [CHUNK_V, H] fp32
-# gradient chunk. Chosen on the 2-core Xeon at T=8192, H=576, V=49152 fp32 (see
-# benchmarks/kernels.py): 512 x 4096 ran fwd+bwd within 5% of 1024 x 8192 at a quarter of
-# the tile memory, while 128 x 1024 was 1.4x slower (Python and small-GEMM overhead).
-CHUNK_T = 512
-CHUNK_V = 4096
+# Tile [CHUNK_T, CHUNK_V] fp32 = 32 MiB; the backward holds 2 tiles plus a [CHUNK_V, H] fp32
+# gradient chunk. fwd+bwd at T=2048, H=576, V=49152 fp32 on the shared 2-core Xeon (load
+# average 4-8, so +-15%): 256 x 2048 32.8 s, 512 x 4096 11.5 s, 512 x 16384 11.7 s,
+# 1024 x 8192 9.9 s, 2048 x 4096 9.6 s. Small tiles lose to per-call overhead; past 1024 x
+# 8192 the gain is within noise while memory grows.
+CHUNK_T = 1024
+CHUNK_V = 8192
 
 
 def fused_logprob_entropy(
@@ -101,6 +102,19 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v):
+        # the trainer calls this under bf16 autocast: keep the tile GEMMs in fp32 anyway
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _ChunkedLogprobEntropy._forward(
+                ctx, hidden, weight, targets, temperature, chunk_t, chunk_v
+            )
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _ChunkedLogprobEntropy._backward(ctx, g_lp, g_ent)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v):
         dt = compute_dtype(hidden, weight)
         t_len, v_len = hidden.shape[0], weight.shape[0]
         inv_tau = 1.0 / temperature
@@ -130,10 +144,11 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         logprob = zy - lse
         ctx.save_for_backward(hidden, weight, targets, lse, lse - entropy)
         ctx.inv_tau, ctx.chunk_t, ctx.chunk_v = inv_tau, chunk_t, chunk_v
+        ctx.device_type = hidden.device.type
         return logprob, entropy
 
     @staticmethod
-    def backward(ctx, g_lp, g_ent):
+    def _backward(ctx, g_lp, g_ent):
         hidden, weight, targets, lse, ez = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         if not (need_h or need_w):

@@ -1,14 +1,19 @@
 """Triton backend of `fused_logprob_entropy` (math in `logprob.py`).
 
-Forward: one program per BLOCK_T tokens walks the vocabulary in BLOCK_V tiles, each tile's
-logits a BLOCK_H-chunked `tl.dot` over the hidden size, folded into the online statistics
-(m, s, u, z_y). Saves lse and E_p[z] per token: 8 bytes/token.
+Forward: program (i, k) takes BLOCK_T tokens and the k-th of `splits` vocabulary ranges,
+walks it in BLOCK_V tiles (each tile's logits a BLOCK_H-chunked `tl.dot` over the hidden
+size) and writes its partial online statistics (m, s, u, z_y) [splits, T]; torch merges them:
+
+    M = max_k m_k,  s = sum_k e^{m_k - M} s_k,  u = sum_k e^{m_k - M} (u_k + (m_k - M) s_k)
+
+Splitting the vocabulary gives T/BLOCK_T x splits programs instead of T/BLOCK_T (128 at
+T=8192, fewer than an H100's 132 SMs). Saves lse and E_p[z] per token: 8 bytes/token.
 
 Backward: one program per (BLOCK_T, BLOCK_V) tile recomputes the logits tile, forms dz and
 adds dz @ W into dh and dz^T @ h into dW with fp32 atomics (as Cut Cross-Entropy, Wijmans et
 al. 2024). That is 3 GEMM-sized passes after the forward's 1 (a non-atomic split into a dh
 kernel and a dW kernel would need 4); the price is run-to-run nondeterminism in the last bits
-of the gradients.
+of the gradients, and atomic traffic of (T/BLOCK_T + V/BLOCK_V) x H x (V or T) adds.
 
 Block sizes are untuned defaults (no GPU was available when this was written: the forward
 and backward were checked only in the interpreter); `benchmarks/kernels.py --gpu` is where
@@ -22,13 +27,16 @@ import triton
 import triton.language as tl
 
 from rlsys.kernels.backend import check_launchable
+from rlsys.kernels.triton_common import UPCAST_DOT, dot
 
 BLOCK_T, BLOCK_V, BLOCK_H, NUM_WARPS = 64, 128, 64, 8
+SPLITS: int | None = None  # vocabulary splits of the forward; None: ~4 programs per SM
 
 
 @triton.jit
 def _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
-                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 UPCAST: tl.constexpr):  # fmt: skip
     """[BLOCK_T, BLOCK_V] fp32 tile of h @ W^T (masked rows/cols read as 0)."""
     acc = tl.zeros([BLOCK_T, BLOCK_V], dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
@@ -38,27 +46,32 @@ def _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
                     mask=mask_t[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
         w = tl.load(W + offs_v[:, None] * stride_w + offs_h[None, :],
                     mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = dot(h, tl.trans(w), acc, UPCAST)
     return acc
 
 
 @triton.jit
-def _logprob_fwd_kernel(H, W, Y, LP, ENT, LSE, EZ, T, V, HID, stride_h, stride_w, inv_tau,
-                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+def _logprob_fwd_kernel(H, W, Y, M, S, U, ZY, T, V, HID, stride_h, stride_w, inv_tau, v_split,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                        UPCAST: tl.constexpr):  # fmt: skip
+    """Partial statistics of tokens block program_id(0) over vocabulary split program_id(1)
+    = [k v_split, (k + 1) v_split), v_split a multiple of BLOCK_V."""
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     offs_t = offs_t.to(tl.int64)
+    v_lo = tl.program_id(1) * v_split
+    v_hi = tl.minimum(V, v_lo + v_split)
     y = tl.load(Y + offs_t, mask=mask_t, other=0)
     # -1e30, not -inf: (m - m') * s and exp(m - m') stay finite in masked lanes (interpreter NaN)
     m = tl.full([BLOCK_T], -1.0e30, dtype=tl.float32)
     s = tl.zeros([BLOCK_T], dtype=tl.float32)
     u = tl.zeros([BLOCK_T], dtype=tl.float32)
     zy = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        mask_v = offs_v < V
+        mask_v = offs_v < v_hi
         z = _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
-                         BLOCK_T, BLOCK_V, BLOCK_H) * inv_tau  # fmt: skip
+                         BLOCK_T, BLOCK_V, BLOCK_H, UPCAST) * inv_tau  # fmt: skip
         zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
         z = tl.where(mask_v[None, :], z, -1.0e30)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -68,19 +81,17 @@ def _logprob_fwd_kernel(H, W, Y, LP, ENT, LSE, EZ, T, V, HID, stride_h, stride_w
         u = alpha * (u + (m - m_new) * s) + tl.sum(e * zc, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-    log_s = tl.log(s)
-    lse = m + log_s
-    ent = log_s - u / s
-    tl.store(LP + offs_t, zy - lse, mask=mask_t)
-    tl.store(ENT + offs_t, ent, mask=mask_t)
-    tl.store(LSE + offs_t, lse, mask=mask_t)
-    tl.store(EZ + offs_t, lse - ent, mask=mask_t)
+    out = tl.program_id(1) * T + offs_t
+    tl.store(M + out, m, mask=mask_t)
+    tl.store(S + out, s, mask=mask_t)
+    tl.store(U + out, u, mask=mask_t)
+    tl.store(ZY + out, zy, mask=mask_t)
 
 
 @triton.jit
 def _logprob_bwd_kernel(H, W, Y, LSE, EZ, GLP, GENT, DH, DW, T, V, HID, stride_h, stride_w,
                         inv_tau, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
-                        BLOCK_H: tl.constexpr):  # fmt: skip
+                        BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_t = offs_t < T
@@ -88,7 +99,7 @@ def _logprob_bwd_kernel(H, W, Y, LSE, EZ, GLP, GENT, DH, DW, T, V, HID, stride_h
     offs_t = offs_t.to(tl.int64)
     offs_v = offs_v.to(tl.int64)
     z = _logits_tile(H, W, offs_t, mask_t, offs_v, mask_v, HID, stride_h, stride_w,
-                     BLOCK_T, BLOCK_V, BLOCK_H) * inv_tau  # fmt: skip
+                     BLOCK_T, BLOCK_V, BLOCK_H, UPCAST) * inv_tau  # fmt: skip
     y = tl.load(Y + offs_t, mask=mask_t, other=0)
     lse = tl.load(LSE + offs_t, mask=mask_t, other=0.0)
     ez = tl.load(EZ + offs_t, mask=mask_t, other=0.0)
@@ -105,10 +116,10 @@ def _logprob_bwd_kernel(H, W, Y, LSE, EZ, GLP, GENT, DH, DW, T, V, HID, stride_h
                     mask=mask_t[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
         w = tl.load(W + offs_v[:, None] * stride_w + offs_h[None, :],
                     mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # fmt: skip
-        dh = tl.dot(dz.to(w.dtype), w)  # [BLOCK_T, BLOCK_H]
+        dh = dot(dz.to(w.dtype), w, tl.zeros([BLOCK_T, BLOCK_H], tl.float32), UPCAST)
         tl.atomic_add(DH + offs_t[:, None] * HID + offs_h[None, :], dh,
                       mask=mask_t[:, None] & mask_h[None, :])  # fmt: skip
-        dw = tl.dot(tl.trans(dz.to(h.dtype)), h)  # [BLOCK_V, BLOCK_H]
+        dw = dot(tl.trans(dz.to(h.dtype)), h, tl.zeros([BLOCK_V, BLOCK_H], tl.float32), UPCAST)
         tl.atomic_add(DW + offs_v[:, None] * HID + offs_h[None, :], dw,
                       mask=mask_v[:, None] & mask_h[None, :])  # fmt: skip
 
@@ -118,16 +129,41 @@ def triton_logprob_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
-    blocks: tuple[int, int, int] = (BLOCK_T, BLOCK_V, BLOCK_H),
+    blocks: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernels: (logprob [T], entropy [T]) float32, differentiable.
 
-    blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum).
+    blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum); None reads
+    the module constants at call time (tests shrink them to cover partial tiles).
     """
     if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         raise TypeError("the Triton path takes float32/bfloat16/float16 inputs, not float64")
     check_launchable(_logprob_fwd_kernel, hidden.device)
+    blocks = blocks or (BLOCK_T, BLOCK_V, BLOCK_H)
     return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, blocks)
+
+
+def _splits(t_blocks: int, v_blocks: int, device: torch.device) -> int:
+    if SPLITS is not None:
+        return max(1, min(SPLITS, v_blocks))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(v_blocks, triton.cdiv(4 * sms, t_blocks)))
+
+
+def merge_partials(
+    m: torch.Tensor, s: torch.Tensor, u: torch.Tensor, zy: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """[splits, T] partial statistics -> (logprob, entropy, lse, E_p[z]), each [T]."""
+    big = m.max(0).values
+    scale = torch.exp(m - big)  # an empty split has m = -1e30, s = u = 0: weight 0, no NaN
+    s_all = (scale * s).sum(0)
+    u_all = (scale * (u + (m - big) * s)).sum(0)
+    log_s = torch.log(s_all)
+    lse = big + log_s
+    ent = log_s - u_all / s_all
+    return zy.sum(0) - lse, ent, lse, lse - ent
 
 
 class _TritonLogprobEntropy(torch.autograd.Function):
@@ -136,13 +172,16 @@ class _TritonLogprobEntropy(torch.autograd.Function):
         h, w, y = hidden.contiguous(), weight.contiguous(), targets.contiguous()
         (t_len, hid), v_len = h.shape, w.shape[0]
         bt, bv, bh = blocks
-        lp, ent, lse, ez = (
-            torch.empty(t_len, dtype=torch.float32, device=h.device) for _ in range(4)
-        )
-        _logprob_fwd_kernel[(triton.cdiv(t_len, bt),)](
-            h, w, y, lp, ent, lse, ez, t_len, v_len, hid, h.stride(0), w.stride(0),
-            1.0 / temperature, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, num_warps=NUM_WARPS,
+        t_blocks, v_blocks = triton.cdiv(t_len, bt), triton.cdiv(v_len, bv)
+        splits = _splits(t_blocks, v_blocks, h.device)
+        v_split = triton.cdiv(v_blocks, splits) * bv
+        part = torch.empty(4, splits, t_len, dtype=torch.float32, device=h.device)
+        _logprob_fwd_kernel[(t_blocks, splits)](
+            h, w, y, part[0], part[1], part[2], part[3], t_len, v_len, hid, h.stride(0),
+            w.stride(0), 1.0 / temperature, v_split, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh,
+            UPCAST=UPCAST_DOT, num_warps=NUM_WARPS,
         )  # fmt: skip
+        lp, ent, lse, ez = merge_partials(*part)
         ctx.save_for_backward(h, w, y, lse, ez)
         ctx.inv_tau, ctx.blocks = 1.0 / temperature, blocks
         return lp, ent
@@ -159,6 +198,6 @@ class _TritonLogprobEntropy(torch.autograd.Function):
         grid = (triton.cdiv(t_len, bt), triton.cdiv(v_len, bv))
         _logprob_bwd_kernel[grid](
             h, w, y, lse, ez, g_lp, g_ent, dh, dw, t_len, v_len, hid, h.stride(0),
-            w.stride(0), ctx.inv_tau, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, num_warps=NUM_WARPS,
+            w.stride(0), ctx.inv_tau, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=UPCAST_DOT, num_warps=NUM_WARPS,
         )  # fmt: skip
         return dh.to(h.dtype), dw.to(w.dtype), None, None, None

@@ -61,7 +61,7 @@ class PolicyLoss(NamedTuple):
     masked-in tokens of the call (sums, so micro-batches add up)."""
 
     loss: torch.Tensor  # [] aggregated loss
-    clipped: torch.Tensor  # [] number of tokens whose ratio clip was active (verl pg_clipfrac)
+    clipped: torch.Tensor  # [] tokens whose ratio clip or dual-clip cap was active
     kl: torch.Tensor  # [] sum of the k3 KL over tokens (0 without ref_logp)
     tokens: torch.Tensor  # [] number of masked-in tokens
 
@@ -104,25 +104,32 @@ def policy_loss_ref(
     """
     dt = compute_dtype(logp, old_logp)
     valid = mask > 0
-    logp = logp.to(dt)
-    adv = _broadcast(advantages, logp).to(dt)
-    log_ratio = torch.clamp(logp - old_logp.to(dt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        # zero masked positions first (where, not *) so padding with inf/NaN logprobs gets
+        # exactly zero gradient, as in rlsys.trainer.losses
+        return torch.where(valid, x.to(dt), torch.zeros((), dtype=dt, device=x.device))
+
+    logp, adv = masked(logp), masked(broadcast_advantages(advantages, logp))
+    log_ratio = torch.clamp(logp - masked(old_logp), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     pg = torch.maximum(pg1, pg2)
     clipped = pg2 > pg1
     if dual_clip is not None:
+        capped = (adv < 0) & (pg > -dual_clip * adv)
+        clipped = clipped | capped
         pg = torch.where(adv < 0, torch.minimum(pg, -dual_clip * adv), pg)
     loss = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
-        d = ref_logp.to(dt) - logp
+        d = masked(ref_logp) - logp
         kl = torch.exp(d) - d - 1.0
         loss = loss + kl_coef * kl
     if entropy is not None:
-        loss = loss - entropy_coef * entropy.to(dt)
-    loss = torch.where(valid, loss, torch.zeros_like(loss))  # where, not *: masked NaN stays out
+        loss = loss - entropy_coef * masked(entropy)
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
 
     n_tok = valid.sum().to(dt)
     if loss_agg == "token-mean":
@@ -137,16 +144,15 @@ def policy_loss_ref(
             raise ValueError(f"unknown loss_agg '{loss_agg}', expected one of {LOSS_AGG_MODES}")
         n_seq = (valid.sum(-1) > 0).sum().clamp(min=1).to(dt)
         agg = per_seq.sum() / (denominator if denominator is not None else n_seq)
-    zero = torch.zeros((), dtype=dt, device=logp.device)
     return PolicyLoss(
         loss=agg,
         clipped=(clipped & valid).sum().to(dt),
-        kl=torch.where(valid, kl, zero).sum().detach(),
+        kl=kl.detach().sum(),
         tokens=n_tok,
     )
 
 
-def _broadcast(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def broadcast_advantages(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] or [B, 1] or [B, L] -> [B, L]."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]

@@ -24,10 +24,15 @@ class Critic(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Values [B, L] at response positions (0 elsewhere)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        """Values [B, L] at response positions (0 elsewhere); masks as in `token_logprobs`."""
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         h = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state

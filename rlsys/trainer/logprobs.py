@@ -17,9 +17,13 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     response_mask: torch.Tensor,
     temperature: float = 1.0,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
+    `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
+    (then `position_ids` must restart per sample)."""
+    if position_ids is None:
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state  # [B, L, H]

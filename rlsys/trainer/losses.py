@@ -163,6 +163,23 @@ def denominator(mask: torch.Tensor, mode: str) -> float:
     return float(max(int((mask.sum(dim=-1) > 0).sum()), 1))
 
 
+def token_weights(mask: torch.Tensor, mode: str, norm_len: float | None = None) -> torch.Tensor:
+    """Per-token weights w [B, T] with sum(l * w) == aggregate(l, mask, mode, ...) for the
+    whole mini-batch `mask`; layout-free, so packed and padded micro-batches share them."""
+    n_seqs = float(max(int((mask.sum(dim=-1) > 0).sum()), 1))
+    if mode == "token-mean":
+        return mask / max(float(mask.sum()), 1.0)
+    if mode == "seq-mean-token-mean":
+        return mask / mask.sum(dim=-1, keepdim=True).clamp(min=1) / n_seqs
+    if mode == "seq-mean-token-sum":
+        return mask / n_seqs
+    if mode == "seq-mean-token-sum-norm":
+        if not norm_len:
+            raise ValueError("seq-mean-token-sum-norm needs norm_len (e.g. max_new_tokens)")
+        return mask / norm_len / n_seqs
+    raise ValueError(f"unknown loss aggregation '{mode}' (use one of {', '.join(LOSS_AGG)})")
+
+
 class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019): move beta so the observed KL tracks a
     target, proportionally and clipped to +-20% per update:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rlsys.buffer.packing import MicroBatch, micro_batches
 from rlsys.config import RecipeConfig, from_dict
 from rlsys.rollout.worker import setup_actor_process
 from rlsys.trainer.algorithm import split_groups, token_advantages
@@ -26,11 +27,10 @@ from rlsys.trainer.critic import Critic
 from rlsys.trainer.logprobs import token_logprobs
 from rlsys.trainer.losses import (
     AdaptiveKLController,
-    aggregate,
-    denominator,
     kl_penalty,
     off_policy_weights,
     policy_loss,
+    token_weights,
     value_loss,
 )
 from rlsys.types import SampleGroup, TrainBatch, collate
@@ -85,26 +85,35 @@ class TrainerWorker:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _logp(self, model, m: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _micro_batches(self, batch: TrainBatch, rows: list[int]) -> list[MicroBatch]:
+        t = self.cfg.trainer
+        lengths = batch.attention_mask.sum(-1)
+        return micro_batches(
+            lengths, rows, batch.input_ids, t.packing, t.micro_batch_tokens, t.micro_batch_size
+        )
+
+    def _logp(self, model, mb: MicroBatch, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             return token_logprobs(
-                model, m.input_ids, m.attention_mask, m.response_mask, self.cfg.rollout.temperature
+                model,
+                mb.input_ids,
+                mb.attention_mask,
+                resp,
+                self.cfg.rollout.temperature,
+                mb.position_ids,
             )
 
-    def _values(self, m: TrainBatch) -> torch.Tensor:
+    def _values(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
         assert self.critic is not None
         with self._autocast():
-            return self.critic(m.input_ids, m.attention_mask, m.response_mask)
+            return self.critic(mb.input_ids, mb.attention_mask, resp, mb.position_ids)
 
     @torch.no_grad()
-    def _full_pass(
-        self, fn: Callable[[TrainBatch], torch.Tensor], batch: TrainBatch
-    ) -> torch.Tensor:
-        """fn over micro-batches of `batch`, stitched back to [B, L]."""
+    def _full_pass(self, fn: Callable, batch: TrainBatch) -> torch.Tensor:
+        """fn(micro_batch, response_mask) over the whole batch, back in the [B, L] layout."""
         out = torch.zeros(batch.response_mask.shape)
-        for rows in torch.arange(batch.input_ids.shape[0]).split(self.cfg.trainer.micro_batch_size):
-            m = _rows(batch, rows)
-            out[rows, : m.input_ids.shape[1]] = fn(m).float()
+        for mb in self._micro_batches(batch, list(range(batch.input_ids.shape[0]))):
+            mb.scatter(fn(mb, mb.gather(batch.response_mask)).float(), out)
         return out
 
     def train_step(self, groups: list[SampleGroup]) -> dict[str, Any]:
@@ -118,19 +127,26 @@ class TrainerWorker:
 
         # 1. the no-grad passes this recipe needs
         need_old = t.mini_batches > 1 or al.kl.mode == "reward"
-        old_lp = (
-            self._full_pass(lambda m: self._logp(self.model, m)[0], batch) if need_old else None
-        )
-        ref_lp = None
+        old_lp = ref_lp = old_v = None
+        if need_old:
+            old_lp = self._full_pass(lambda mb, r: self._logp(self.model, mb, r)[0], batch)
         if self.ref is not None:
-            ref_lp = self._full_pass(lambda m: self._logp(self.ref, m)[0], batch)
-        old_v = self._full_pass(self._values, batch) if self.critic is not None else None
+            ref_lp = self._full_pass(lambda mb, r: self._logp(self.ref, mb, r)[0], batch)
+        if self.critic is not None:
+            old_v = self._full_pass(self._values, batch)
 
         # 2. advantages
         kl_coef = self.kl_ctl.value
         adv, returns, stats = token_advantages(gr, al, mask, old_lp, ref_lp, old_v, kl_coef)
-        batch.advantages = adv
-        extras = {"old": old_lp, "ref": ref_lp, "old_v": old_v, "ret": returns}
+        fields = {
+            "resp": mask,
+            "behav": batch.old_logprobs,
+            "adv": adv,
+            "old": old_lp,
+            "ref": ref_lp,
+            "old_v": old_v,
+            "ret": returns,
+        }
 
         # 3. mini-batches of whole groups, one optimizer step each
         sums: dict[str, float] = dict(stats)
@@ -138,22 +154,24 @@ class TrainerWorker:
         policy_frozen = self.critic is not None and self.version < al.critic.warmup_steps
         norm_len = al.norm_len or self.cfg.rollout.max_new_tokens
         for chunk in chunks:
-            rows = torch.cat([torch.arange(g * n_per, (g + 1) * n_per) for g in chunk.tolist()])
-            mb, mbx = _rows(batch, rows), _slice(extras, rows, batch)
-            denom = denominator(mb.response_mask, al.loss_agg)
+            rows = [g * n_per + j for g in chunk.tolist() for j in range(n_per)]
+            in_mb = torch.zeros_like(mask)
+            in_mb[rows] = mask[rows]
+            weights = token_weights(in_mb, al.loss_agg, norm_len)  # this mini-batch's loss
+            mbs = self._micro_batches(batch, rows)
             self.opt.zero_grad(set_to_none=True)
-            for micro in torch.arange(len(rows)).split(t.micro_batch_size):
-                m, x = _rows(mb, micro), _slice(mbx, micro, mb)
-                logp, ent = self._logp(self.model, m)
-                mm = m.response_mask
+            for mb in mbs:
+                x = {k: None if v is None else mb.gather(v) for k, v in fields.items()}
+                logp, ent = self._logp(self.model, mb, x["resp"])
+                mm = x["resp"]
                 old = logp.detach() if x["old"] is None else x["old"]
                 w, mm = off_policy_weights(
-                    old, m.old_logprobs, mm, al.off_policy.mode, al.off_policy.cap
+                    old, x["behav"], mm, al.off_policy.mode, al.off_policy.cap
                 )
                 tok, clipped = policy_loss(
                     logp,
                     old,
-                    m.advantages,
+                    x["adv"],
                     mm,
                     al.policy_loss,
                     al.clip_low,
@@ -170,13 +188,13 @@ class TrainerWorker:
                     _acc(sums, "train/kl", float(kl.sum()) / n_tok)
                 if al.entropy_coef:
                     tok = tok - al.entropy_coef * ent * mm
-                loss = aggregate(tok, mm, al.loss_agg, denom, norm_len)
+                loss = (tok * mb.gather(weights)).sum()
                 if not policy_frozen:
                     loss.backward()
                 _acc(sums, "train/loss", float(loss.detach()) / len(chunks))
                 _acc(sums, "train/entropy", float((ent.detach() * mm).sum()) / n_tok)
                 _acc(sums, "train/clip_frac", float(clipped.sum()) / n_tok)
-                diff = ((old - m.old_logprobs).abs() * m.response_mask).sum()
+                diff = ((old - x["behav"]).abs() * x["resp"]).sum()
                 _acc(sums, "train/rollout_logprob_diff", float(diff) / n_tok)
                 if w is not None:
                     _acc(sums, "train/is_weight", float((w * mm).sum()) / n_tok)
@@ -184,7 +202,7 @@ class TrainerWorker:
                 gn = self._step(self.model, self.opt, t.grad_clip)
                 _acc(sums, "train/grad_norm", gn / len(chunks))
             if self.critic is not None:
-                vl = self._critic_step(mb, mbx, al.loss_agg, denom, norm_len)
+                vl = self._critic_step(mbs, fields, weights)
                 _acc(sums, "train/value_loss", vl / len(chunks))
         if al.kl.mode == "reward" and al.kl.adaptive and "train/kl_reward" in sums:
             self.kl_ctl.update(sums["train/kl_reward"], len(gr.samples))
@@ -196,23 +214,21 @@ class TrainerWorker:
                 "train/version": self.version,
                 "train/kl_coef": kl_coef,
                 "train/adv_abs_mean": float((adv.abs() * mask).sum()) / n_tok,
+                "train/micro_batches": float(len(mbs)),
             }
         )
         return sums
 
-    def _critic_step(
-        self, mb: TrainBatch, mbx: dict, agg: str, denom: float, norm_len: float
-    ) -> float:
+    def _critic_step(self, mbs: list[MicroBatch], fields: dict, weights: torch.Tensor) -> float:
         assert self.critic is not None and self.critic_opt is not None
         self.critic_opt.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in torch.arange(mb.input_ids.shape[0]).split(self.cfg.trainer.micro_batch_size):
-            m, x = _rows(mb, micro), _slice(mbx, micro, mb)
-            v = self._values(m)
-            tok = value_loss(
-                v, x["old_v"], x["ret"], m.response_mask, self.cfg.algorithm.critic.value_clip
-            )
-            loss = aggregate(tok, m.response_mask, agg, denom, norm_len)
+        clip = self.cfg.algorithm.critic.value_clip
+        for mb in mbs:
+            resp = mb.gather(fields["resp"])
+            v = self._values(mb, resp)
+            tok = value_loss(v, mb.gather(fields["old_v"]), mb.gather(fields["ret"]), resp, clip)
+            loss = (tok * mb.gather(weights)).sum()
             loss.backward()
             total += float(loss.detach())
         self._step(self.critic, self.critic_opt, self.cfg.trainer.grad_clip)
@@ -247,25 +263,6 @@ class TrainerWorker:
         self.model.save_pretrained(out_dir)
         self.tokenizer.save_pretrained(out_dir)
         return out_dir
-
-
-def _rows(b: TrainBatch, rows: torch.Tensor) -> TrainBatch:
-    """Rows of a batch, trimmed to the longest remaining sequence."""
-    width = int(b.attention_mask[rows].sum(-1).max())
-    return TrainBatch(
-        b.input_ids[rows, :width],
-        b.attention_mask[rows, :width],
-        b.response_mask[rows, :width],
-        b.old_logprobs[rows, :width],
-        b.advantages[rows, :width],
-        b.rewards[rows],
-    )
-
-
-def _slice(extras: dict, rows: torch.Tensor, like: TrainBatch) -> dict:
-    """The same rows of the per-token extras, trimmed to the width `_rows` gives."""
-    width = int(like.attention_mask[rows].sum(-1).max())
-    return {k: (None if v is None else v[rows, :width]) for k, v in extras.items()}
 
 
 def _acc(d: dict[str, float], k: str, v: float) -> None:

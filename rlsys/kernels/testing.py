@@ -1,0 +1,91 @@
+"""Helpers for the kernel tests: tolerance checks, interpreter runs, GPU compile checks.
+
+`@triton.jit` picks the interpreter when the kernel module is imported, so the tests run the
+Triton path in a child process with TRITON_INTERPRET=1 (`run_child(..., "interpret")`) and
+count launches there to prove that the kernels, not a fallback, produced the numbers
+(`count_launches`). The interpreter skips code generation, so a second child without it
+compiles every kernel for sm_90 (`compile_sm90`): type errors, constexpr branches, tl.dot
+shape rules and shared-memory budgets are checked on a machine with no GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """Elementwise |actual - expected| <= tol * |expected| + tol * max |expected|: relative
+    accuracy per element plus tol times the tensor's scale, so that entries near 0 in a tensor
+    of O(1) values (a cancelled gradient) do not need relative accuracy."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    scale = max(e.abs().max().item(), 1e-30)
+    torch.testing.assert_close(a, e, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def run_child(script: str | Path, out: Path, mode: str, timeout: float = 600) -> Any:
+    """Run `python script out mode` and return torch.load(out). mode "interpret" sets
+    TRITON_INTERPRET=1; mode "compile" unsets it, so that kernels are real JIT functions."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "TRITON_CACHE_DIR": str(out.parent / "triton-cache"),
+    }
+    env.pop("TRITON_INTERPRET", None)
+    if mode == "interpret":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} run of {script} failed:\n{proc.stderr[-4000:]}")
+    return torch.load(out, weights_only=False)
+
+
+H100_SMEM = 232448  # bytes of shared memory one H100 (sm_90) block may use (227 KiB)
+
+
+def compile_sm90(kernel: Any, signature: dict[str, str], constexprs: dict, num_warps: int) -> int:
+    """Compile a @triton.jit kernel for an H100 (sm_90) without a GPU: Triton's front end,
+    the NVIDIA passes and the bundled ptxas all run on the CPU. Returns the shared memory
+    the kernel needs, in bytes. signature maps the non-constexpr arguments to Triton types
+    ("*bf16", "i32", "fp32")."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {
+        name: "constexpr" if name in constexprs else signature[name] for name in kernel.arg_names
+    }
+    compiled = triton.compile(
+        ASTSource(kernel, sig, constexprs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": num_warps},
+    )
+    return int(compiled.metadata.shared)
+
+
+def count_launches(module: object, names: list[str]) -> Counter:
+    """Count launches of the named kernels of `module`; asserts they are interpreted."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches: Counter = Counter()
+    for name in names:
+        kernel = getattr(module, name)
+        assert isinstance(kernel, InterpretedFunction), f"{name} is not interpreted"
+        kernel.add_pre_run_hook(lambda *_a, _name=name, **_k: launches.update([_name]))
+    return launches

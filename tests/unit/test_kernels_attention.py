@@ -1,0 +1,214 @@
+"""packed_attention (Triton FlashAttention-2 in the interpreter, SDPA fallback) against
+reference.py and against per-sequence SDPA.
+
+The Triton path runs in a child process with TRITON_INTERPRET=1 (this file is its script, see
+`__main__`) with 16 x 16 blocks, the SDPA fallback patched to raise, and launches counted.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlsys.kernels import packed_attention
+from rlsys.kernels.reference import packed_attention_ref
+from rlsys.kernels.testing import H100_SMEM, assert_close, run_child
+
+# Tolerances relative to the largest |expected| entry, against float64 on the same inputs.
+# fp32: measured <= 3.2e-7 relative -> 2e-5. bf16: outputs and grads are stored in bf16 (2^-9)
+# and P / dS are cast to bf16 before their dots, as on the GPU; measured <= 8.6e-3 -> 3e-2.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    lens: tuple[int, ...]
+    hq: int
+    hkv: int
+    d: int
+    dtype: torch.dtype = torch.float32
+    causal: bool = True
+
+
+# Lengths straddle the 16-token test blocks; an empty sequence and a 1-token one included.
+TRITON_CASES = [
+    Case("odd_gqa", (1, 17, 40, 0, 9), 4, 2, 24),
+    Case("noncausal_gqa", (1, 17, 40, 0, 9), 4, 2, 24, causal=False),
+    Case("bf16_mqa", (33, 5, 20), 4, 1, 32, torch.bfloat16),
+    Case("t1", (1,), 2, 2, 16),
+    Case("long", (150, 70), 2, 1, 16),
+]
+
+
+def cu_seqlens(lens: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(case.lens)
+    q = torch.randn(n, case.hq, case.d, generator=g).to(case.dtype)
+    k = torch.randn(n, case.hkv, case.d, generator=g).to(case.dtype)
+    v = torch.randn(n, case.hkv, case.d, generator=g).to(case.dtype)
+    grad = torch.randn(n, case.hq, case.d, generator=g)
+    return dict(q=q, k=k, v=v, grad=grad, cu=cu_seqlens(case.lens))
+
+
+def forward_backward(inp: dict, causal: bool, fn) -> dict[str, torch.Tensor]:
+    q, k, v = (inp[x].detach().clone().requires_grad_() for x in "qkv")
+    out = fn(q, k, v, inp["cu"], causal)
+    (out * inp["grad"].to(out.dtype)).sum().backward()
+    return dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+def reference(inp: dict, causal: bool) -> dict[str, torch.Tensor]:
+    f64 = {key: (x.double() if x.is_floating_point() else x) for key, x in inp.items()}
+    return forward_backward(f64, causal, packed_attention_ref)
+
+
+def check(got: dict, want: dict, dtype: torch.dtype, label: str) -> None:
+    for key in ("out", "dq", "dk", "dv"):
+        assert got[key].dtype == dtype, f"{label} {key} dtype"
+        assert_close(got[key], want[key], TOL[dtype], f"{label} {key}")
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@pytest.fixture(scope="module")
+def triton_run(tmp_path_factory) -> dict:
+    return run_child(__file__, tmp_path_factory.mktemp("attention") / "out.pt", "interpret")
+
+
+def test_triton_kernels_ran_interpreted(triton_run) -> None:
+    n = len(TRITON_CASES)
+    names = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    assert triton_run["launches"] == dict.fromkeys(names, n)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.name)
+def test_triton_matches_reference(triton_run, case: Case) -> None:
+    want = reference(make_inputs(case), case.causal)
+    check(triton_run["results"][case.name], want, case.dtype, f"triton {case.name}")
+
+
+def test_kernels_compile_for_h100(tmp_path) -> None:
+    # real code generation at the default blocks (the interpreter skips it), bf16, GQA,
+    # head_dim 64 and 128; shared memory must fit one H100 block
+    smem = run_child(__file__, tmp_path / "out.pt", "compile")
+    assert len(smem) == 6, smem
+    assert all(0 < b <= H100_SMEM for b in smem.values()), smem
+
+
+def _compile_main(out: str) -> None:
+    """Child process without TRITON_INTERPRET: compile for sm_90, report shared memory."""
+    from rlsys.kernels import attention_triton as at
+    from rlsys.kernels.testing import compile_sm90
+
+    ints = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"]
+    sig = {
+        **dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"], "*bf16"),
+        **dict.fromkeys([*ints, "stride_ot", "stride_oh", "total", "D"], "i32"),
+        **dict.fromkeys(["LSE", "DELTA"], "*fp32"),
+        "CU": "*i32",
+        "qk_scale": "fp32",
+        "sm_scale": "fp32",
+    }
+    result = {}
+    for d in (64, 128):
+        meta = dict(GROUP=3, CAUSAL=True, BLOCK_M=at.BLOCK_M, BLOCK_N=at.BLOCK_N, BLOCK_D=d)
+        for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+            kernel = getattr(at, name)
+            result[f"{name}_d{d}"] = compile_sm90(
+                kernel, sig, dict(meta, UPCAST=False), at.NUM_WARPS
+            )
+    torch.save(result, out)
+
+
+def _interpreted_main(out: str) -> None:
+    """Child process (TRITON_INTERPRET=1): run the public entry with backend="triton"."""
+    from rlsys.kernels import attention, attention_triton
+    from rlsys.kernels.testing import count_launches
+
+    names = ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    launches = count_launches(attention_triton, names)
+    attention_triton.BLOCK_M, attention_triton.BLOCK_N = 16, 16
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the SDPA fallback ran instead of Triton")
+
+    attention.packed_attention_ref = no_fallback
+    results = {
+        case.name: forward_backward(
+            make_inputs(case),
+            case.causal,
+            lambda q, k, v, cu, causal: packed_attention(q, k, v, cu, causal, backend="triton"),
+        )
+        for case in TRITON_CASES
+    }
+    torch.save({"results": results, "launches": dict(launches)}, out)
+
+
+# --------------------------------------------------------------------------- SDPA fallback
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_fallback_equals_sdpa_per_sequence(causal: bool) -> None:
+    # independent check of the block-diagonal mask and the GQA head mapping: each sequence
+    # alone through SDPA (is_causal), kv heads repeated as in HF's repeat_kv
+    case = Case("per_seq", (7, 1, 30, 12), 6, 2, 16)
+    inp = make_inputs(case)
+    got = packed_attention(inp["q"], inp["k"], inp["v"], inp["cu"], causal, backend="auto")
+    cu = inp["cu"].tolist()
+    for i in range(len(case.lens)):
+        q, k, v = (inp[x][cu[i] : cu[i + 1]].transpose(0, 1) for x in "qkv")
+        k, v = (x.repeat_interleave(case.hq // case.hkv, dim=0) for x in (k, v))
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(0, 1)
+        assert_close(got[cu[i] : cu[i + 1]], want, TOL[torch.float32], f"sequence {i}")
+
+
+def test_fallback_gradients_match_float64() -> None:
+    case = Case("grads", (5, 23, 11), 4, 2, 32)
+    inp = make_inputs(case)
+    got = forward_backward(inp, True, lambda *a: packed_attention(*a, backend="torch"))
+    check(got, reference(inp, True), torch.float32, "fallback")
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inp = make_inputs(Case("cpu", (3, 4), 2, 1, 16))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        packed_attention(inp["q"], inp["k"], inp["v"], inp["cu"], backend="triton")
+
+
+def test_rejects_bad_arguments() -> None:
+    inp = make_inputs(Case("bad", (3, 4), 4, 2, 16))
+    q, k, v, cu = inp["q"], inp["k"], inp["v"], inp["cu"]
+    with pytest.raises(ValueError, match="divide"):
+        packed_attention(q[:, :3], k, v, cu)
+    with pytest.raises(ValueError, match="head_dim"):
+        packed_attention(q[..., :8], k, v, cu)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        packed_attention(q, k, v, cu.float())
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_cuda_matches_reference(dtype: torch.dtype) -> None:
+    case = Case("cuda", (1000, 1, 517, 2048, 300), 8, 2, 64, dtype)
+    inp = {k: v.cuda() for k, v in make_inputs(case).items()}
+    got = forward_backward(inp, True, packed_attention)
+    assert got["out"].is_cuda
+    check(got, reference(inp, True), dtype, "triton cuda")
+
+
+if __name__ == "__main__":
+    (_interpreted_main if sys.argv[2] == "interpret" else _compile_main)(sys.argv[1])
