@@ -13,7 +13,9 @@ from typing import Any
 from rlsys.config import ConfigError, RecipeConfig, to_dict
 
 
-def evaluate_checkpoint(cfg: RecipeConfig, checkpoint: str, out: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    cfg: RecipeConfig, checkpoint: str, out: str | None = None
+) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
     from transformers import AutoTokenizer
