@@ -28,6 +28,10 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "reward":
+        import importlib
+
+        return importlib.import_module("rlsys.reward")
     if name in ("Sample", "SampleGroup", "TrainBatch"):
         from rlsys import types
 

@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rlsys.reward.config import RewardConfig, RewardPartConfig
+
 
 class ConfigError(ValueError):
     """A recipe or override the user must fix. Printed without a traceback, exit code 2."""
@@ -188,14 +190,6 @@ class TrainerConfig:
 
 
 @dataclass
-class RewardConfig:
-    fn: str | None = None
-    """`pkg.module:fn` or `path/to/file.py:fn`; null uses the built-in task's verifier."""
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments passed to `fn` on every call."""
-
-
-@dataclass
 class EvalConfig:
     every: int = 0
     """Evaluate on the held-out split every N steps (and after the last); 0 = never."""
@@ -277,6 +271,9 @@ def _check_keys(data: Any, schema: type, prefix: str = "") -> None:
             close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{full}'.{hint} Valid keys here: {', '.join(valid)}.")
+        if full == "reward.parts" and isinstance(value, list):
+            for i, item in enumerate(value):
+                _check_keys(item, RewardPartConfig, f"{full}[{i}].")
         sub = _dataclass_type(fields[key])
         if sub is not None:
             if value is not None and not isinstance(value, dict):

@@ -67,13 +67,14 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     from rlsys.buffer.stream import StreamingBuffer
     from rlsys.data import PromptStream, load_splits
     from rlsys.logging import RunLogger
-    from rlsys.reward.api import build_reward
+    from rlsys.reward.config import resolve_paths, validate_reward_config
     from rlsys.rollout.worker import RolloutWorker
     from rlsys.trainer.worker import TrainerWorker
     from rlsys.weight_sync import push_weights
 
     # Everything that can fail on user input fails here, before any actor starts.
-    build_reward(cfg.reward.fn, cfg.reward.kwargs, cfg.data.task)
+    validate_reward_config(cfg.reward, cfg.data.task)
+    cfg.reward = resolve_paths(cfg.reward)  # actors may run in another working directory
     model_path = models.resolve(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_prompts, eval_prompts = load_splits(cfg.data, tokenizer, cfg.seed)
@@ -240,7 +241,10 @@ def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
     m: dict[str, Any] = {
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
-        "reward/errors": sum(o["stats"]["reward/errors"] for o in outs),
+        **{
+            k: sum(o["stats"].get(k, 0) for o in outs)
+            for k in ("reward/errors", "reward/timeouts", "reward/skipped", "reward/skipped_groups")
+        },
         "reward/uniform_group_frac": statistics.fmean(
             float(len({s.reward for s in g.samples if s.trainable}) == 1) for g in groups
         ),

@@ -21,13 +21,14 @@ def evaluate_checkpoint(
     from transformers import AutoTokenizer
 
     from rlsys.data import load_splits
-    from rlsys.reward.api import build_reward
+    from rlsys.reward.config import resolve_paths, validate_reward_config
     from rlsys.rollout.worker import RolloutWorker
 
     ckpt = Path(checkpoint)
     if not (ckpt / "config.json").is_file():
         raise ConfigError(f"--checkpoint {ckpt}: not a Hugging Face model folder (no config.json)")
-    build_reward(cfg.reward.fn, cfg.reward.kwargs, cfg.data.task)
+    validate_reward_config(cfg.reward, cfg.data.task)
+    cfg.reward = resolve_paths(cfg.reward)
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     _, held = load_splits(cfg.data, tokenizer, cfg.seed)
     if not held:

@@ -15,7 +15,7 @@ import torch
 
 from rlsys.config import RecipeConfig, from_dict
 from rlsys.data import Prompt
-from rlsys.reward.api import build_reward
+from rlsys.reward import RewardInput, build_scorer
 from rlsys.rollout.hf import HFGenerator
 from rlsys.types import Sample, SampleGroup, Status
 
@@ -45,7 +45,7 @@ class RolloutWorker:
             eos_ids.append(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.engine = HFGenerator(self.model, [e for e in eos_ids if e is not None], pad or 0)
-        self.reward = build_reward(self.cfg.reward.fn, self.cfg.reward.kwargs, self.cfg.data.task)
+        self.scorer = build_scorer(self.cfg.reward, self.cfg.data.task)
         self.version = 0
 
     def generate(self, prompts: list[Prompt], group_ids: list[int], seed: int) -> dict[str, Any]:
@@ -73,7 +73,7 @@ class RolloutWorker:
             )
             gens = [g + b for g, b in zip(gens, greedy, strict=True)]
         gen_s = time.perf_counter() - t0
-        groups, errors, first_error = [], 0, None
+        groups, inputs = [], []
         n = r.n_samples_per_prompt
         for prompt, gid, group_gens in zip(prompts, group_ids, gens, strict=True):
             samples = []
@@ -88,30 +88,38 @@ class RolloutWorker:
                 )
                 s.turns = 1
                 text = self.tokenizer.decode(g.tokens, skip_special_tokens=True)
-                try:
-                    s.reward, s.reward_info = self.reward(prompt.text, text, prompt.meta)
-                except Exception as e:  # a user reward failed: count it, score 0
-                    errors += 1
-                    first_error = first_error or f"{type(e).__name__}: {e}"
-                    s.reward, s.reward_info = 0.0, {"error": 1.0}
-                if self.cfg.algorithm.overlong.enabled:
-                    pen = overlong_penalty(
-                        len(g.tokens), r.max_new_tokens, self.cfg.algorithm.overlong
-                    )
-                    s.reward += pen
-                    s.reward_info["overlong"] = pen
                 s.meta["response_text"] = text
+                inputs.append(RewardInput(prompt.text, text, prompt.meta, s))
                 samples.append(s)
             groups.append(SampleGroup(gid, samples, prompt.text))
+        t1 = time.perf_counter()
+        outcomes = self.scorer.score(inputs)  # concurrent; raises only with on_error: raise
+        skipped_groups = set()
+        for inp, o in zip(inputs, outcomes, strict=True):
+            s = inp.sample
+            if o.score is None:  # on_error: skip
+                skipped_groups.add(s.group_id)
+                continue
+            s.reward, s.reward_info = float(o.score), dict(o.parts)
+            if o.error:
+                s.reward_info["error"] = 1.0
+            if self.cfg.algorithm.overlong.enabled:
+                pen = overlong_penalty(
+                    len(s.response_ids), r.max_new_tokens, self.cfg.algorithm.overlong
+                )
+                s.reward += pen
+                s.reward_info["overlong"] = pen
+        # Group estimators need whole groups: a skipped sample drops its group.
+        groups = [g for g in groups if g.group_id not in skipped_groups]
         n_tok = sum(len(s.response_ids) for g in groups for s in g.samples)
-        stats = {
+        stats: dict[str, Any] = {
             "rollout/gen_s": gen_s,
             "rollout/tokens": n_tok,
             "rollout/tok_per_s": n_tok / max(gen_s, 1e-9),
-            "reward/errors": errors,
+            "reward/score_s": time.perf_counter() - t1,
+            "reward/skipped_groups": len(skipped_groups),
         }
-        if first_error:
-            stats["reward/first_error"] = first_error
+        stats.update(self.scorer.take_stats())
         return {"groups": groups, "stats": stats}
 
     def evaluate(self, prompts: list[Prompt], k: int, seed: int) -> dict[str, float]:
@@ -122,14 +130,17 @@ class RolloutWorker:
         ids = [p.prompt_ids for p in prompts]
         out: dict[str, float] = {}
         greedy = self.engine.generate(ids, 1, max_new, r.temperature, 1.0, seed, greedy=True)
-        scores = [self._score_one(p, g[0])[0] for p, g in zip(prompts, greedy, strict=True)]
+        scores = self._scores(prompts, [g[0] for g in greedy])
         out["eval/greedy_reward"] = sum(scores) / len(scores)
         out["eval/greedy_acc"] = sum(x >= ev.solve_threshold for x in scores) / len(scores)
         if k > 1:
             gens = self.engine.generate(ids, k, max_new, r.temperature, r.top_p, seed)
+            flat = self._scores(
+                [p for p in prompts for _ in range(k)], [g for gr in gens for g in gr]
+            )
             solved = [
-                [self._score_one(p, g)[0] >= ev.solve_threshold for g in group]
-                for p, group in zip(prompts, gens, strict=True)
+                [x >= ev.solve_threshold for x in flat[i * k : (i + 1) * k]]
+                for i in range(len(prompts))
             ]
             # With n = k samples the unbiased pass@k estimator 1 - C(n-c, k)/C(n, k) is 1[c > 0].
             out[f"eval/pass@{k}"] = sum(any(s) for s in solved) / len(solved)
@@ -137,12 +148,15 @@ class RolloutWorker:
         out["eval/prompts"] = float(len(prompts))
         return out
 
-    def _score_one(self, prompt: Prompt, g) -> tuple[float, dict[str, float]]:
-        text = self.tokenizer.decode(g.tokens, skip_special_tokens=True)
-        try:
-            return self.reward(prompt.text, text, prompt.meta)
-        except Exception:
-            return 0.0, {"error": 1.0}
+    def _scores(self, prompts: list[Prompt], gens: list) -> list[float]:
+        """Reward of each generation (0 for errors and skips) in one concurrent call."""
+        inputs = [
+            RewardInput(
+                p.text, self.tokenizer.decode(g.tokens, skip_special_tokens=True), p.meta, None
+            )
+            for p, g in zip(prompts, gens, strict=True)
+        ]
+        return [o.score or 0.0 for o in self.scorer.score(inputs)]
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load new policy weights in place; returns the new version."""
