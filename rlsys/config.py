@@ -181,6 +181,8 @@ class TrainerConfig:
     attention) instead of padded micro-batches of `micro_batch_size`."""
     micro_batch_tokens: int = 2048
     """Token budget of one packed micro-batch."""
+    fused_logprob: bool = True
+    """Fused LM-head + log-softmax + entropy (never materialises [tokens x vocab] logits)."""
     autocast_bf16: bool = True
     """Run forward/backward matmuls in bfloat16 autocast (fp32 master weights)."""
     gradient_checkpointing: bool = False

@@ -18,10 +18,13 @@ def token_logprobs(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
+    fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
     `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
-    (then `position_ids` must restart per sample)."""
+    (then `position_ids` must restart per sample). `fused` computes the LM head, log-softmax
+    and entropy chunk by chunk (`rlsys.kernels.fused_logprob_entropy`: Triton on GPU, chunked
+    torch on CPU), never holding the [N, V] logits; entropy then carries a gradient too."""
     if position_ids is None:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(
@@ -30,10 +33,15 @@ def token_logprobs(
     sel = response_mask[:, 1:] > 0  # next token is a response token
     h = hidden[:, :-1][sel]  # [N, H]
     targets = input_ids[:, 1:][sel]  # [N]
-    logits = model.get_output_embeddings()(h).float() / temperature  # [N, V]
-    logsm = torch.log_softmax(logits, dim=-1)
-    lp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
+    if fused:
+        from rlsys.kernels import fused_logprob_entropy
+
+        weight = model.get_output_embeddings().weight
+        lp, ent = fused_logprob_entropy(h, weight, targets, temperature)
+    else:
+        logits = model.get_output_embeddings()(h).float() / temperature  # [N, V]
+        logsm = torch.log_softmax(logits, dim=-1)
+        lp = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         ent = -(logsm.exp() * logsm).sum(-1)
     logp = torch.zeros(response_mask.shape, dtype=lp.dtype, device=lp.device)
     entropy = torch.zeros_like(logp)

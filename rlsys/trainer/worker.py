@@ -101,6 +101,7 @@ class TrainerWorker:
                 resp,
                 self.cfg.rollout.temperature,
                 mb.position_ids,
+                fused=self.cfg.trainer.fused_logprob,
             )
 
     def _values(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
