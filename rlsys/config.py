@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlsys.reward.config import RewardConfig, RewardPartConfig
+from rlsys.rollout.tools import AgentConfig
+from rlsys.rollout.turns import TurnsConfig
 
 
 class ConfigError(ValueError):
@@ -73,6 +75,10 @@ class RolloutConfig:
     """Rollout model dtype: float32 | bfloat16."""
     workers: int = 1
     """Number of rollout worker actors."""
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    """Multi-turn rollouts: env and tools (`agent.env: null` = single turn)."""
+    turns: TurnsConfig = field(default_factory=TurnsConfig)
+    """Multi-turn turn control: unlimited | fixed | dynamic, token budgets."""
 
 
 @dataclass
@@ -426,6 +432,15 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("eval.num_prompts", cfg.eval.num_prompts)
     _positive("eval.k", cfg.eval.k)
     _positive("logging.samples_every", cfg.logging.samples_every, allow_zero=True)
+    try:
+        cfg.rollout.agent.validate()
+        cfg.rollout.turns.validate()
+    except ValueError as e:
+        raise ConfigError(f"rollout.{e}") from None
+    if cfg.rollout.agent.env is not None and cfg.algorithm.advantage == "remax":
+        raise ConfigError(
+            "rollout.agent: multi-turn rollouts do not support ReMax's greedy baseline"
+        )
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if len(cfg.trainer.betas) != 2 or not all(0 <= b < 1 for b in cfg.trainer.betas):

@@ -258,6 +258,9 @@ def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
     }
     if greedy:
         m["reward/greedy_mean"] = statistics.fmean(greedy)
+    agent_keys = {k for o in outs for k in o["stats"] if k.startswith("rollout/agent/")}
+    for k in sorted(agent_keys):  # multi-turn: averaged over workers and rounds
+        m[k] = statistics.fmean(o["stats"][k] for o in outs if k in o["stats"])
     parts: dict[str, list[float]] = {}
     for s in samples:
         for k, v in s.reward_info.items():

@@ -21,6 +21,7 @@ class Prompt:
     prompt_ids: list[int]
     text: str  # the templated prompt, for logs only
     meta: dict[str, Any]
+    messages: list[dict]  # the chat messages (multi-turn rollouts extend the conversation)
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -72,7 +73,7 @@ def tokenize_records(rows: list[dict], tokenizer: Any, cfg: DataConfig, where: s
                 f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
             )
         meta = {k: v for k, v in row.items() if k != cfg.prompt_key}
-        out.append(Prompt(ids, text, meta))
+        out.append(Prompt(ids, text, meta, msgs))
     return out
 
 

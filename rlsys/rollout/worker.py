@@ -46,11 +46,26 @@ class RolloutWorker:
         pad = self.tokenizer.pad_token_id
         self.engine = HFGenerator(self.model, [e for e in eos_ids if e is not None], pad or 0)
         self.scorer = build_scorer(self.cfg.reward, self.cfg.data.task)
+        self.eos_ids = sorted(set(e for e in eos_ids if e is not None))
+        self.agent = None
+        if self.cfg.rollout.agent.env is not None:
+            from rlsys.rollout.agent import AgentLoop
+
+            self.agent = AgentLoop.from_config(
+                self.cfg.rollout.agent,
+                self.cfg.rollout.turns,
+                self.tokenizer,
+                self.cfg.rollout.max_new_tokens,
+                seed=self.cfg.seed,
+                stop_token_ids=self.eos_ids,
+            )
         self.version = 0
 
     def generate(self, prompts: list[Prompt], group_ids: list[int], seed: int) -> dict[str, Any]:
         """Sample, score and return `{"groups": [...], "stats": {...}}`."""
         r = self.cfg.rollout
+        if self.agent is not None:
+            return self._generate_multi_turn(prompts, group_ids, seed)
         t0 = time.perf_counter()
         gens = self.engine.generate(
             [p.prompt_ids for p in prompts],
@@ -92,6 +107,50 @@ class RolloutWorker:
                 inputs.append(RewardInput(prompt.text, text, prompt.meta, s))
                 samples.append(s)
             groups.append(SampleGroup(gid, samples, prompt.text))
+        return self._score_groups(groups, inputs, gen_s)
+
+    def _generate_multi_turn(
+        self, prompts: list[Prompt], group_ids: list[int], seed: int
+    ) -> dict[str, Any]:
+        """Agent loop (`rollout.agent`): model turns alternate with env observations; the
+        reward scores the final assistant turn (plus the env's step rewards)."""
+        from rlsys.rollout.agent import agent_metrics, hf_generate_fn
+
+        r = self.cfg.rollout
+        assert self.agent is not None
+        t0 = time.perf_counter()
+        trajs, owners = [], []
+        for prompt, gid in zip(prompts, group_ids, strict=True):
+            for j in range(r.n_samples_per_prompt):
+                s = Sample(group_id=gid, index=j, prompt_ids=list(prompt.prompt_ids))
+                s.meta = dict(prompt.meta)
+                trajs.append(self.agent.start(s, prompt.messages))
+                owners.append(prompt)
+        gen_fn = hf_generate_fn(self.engine, r.temperature, r.top_p)
+        self.agent.run(trajs, gen_fn, version=self.version)
+        gen_s = time.perf_counter() - t0
+        groups: dict[int, SampleGroup] = {}
+        inputs = []
+        for t, prompt in zip(trajs, owners, strict=True):
+            s = t.sample
+            s.meta["response_text"] = t.final_response
+            s.meta["env_reward"] = t.env_reward
+            inputs.append(RewardInput(prompt.text, t.final_response, prompt.meta, s))
+            groups.setdefault(s.group_id, SampleGroup(s.group_id, [], prompt.text)).samples.append(
+                s
+            )
+        out = self._score_groups(list(groups.values()), inputs, gen_s)
+        for g in out["groups"]:
+            for s in g.samples:
+                s.reward += float(s.meta.get("env_reward", 0.0))
+        out["stats"].update(agent_metrics(trajs))
+        return out
+
+    def _score_groups(
+        self, groups: list[SampleGroup], inputs: list, gen_s: float
+    ) -> dict[str, Any]:
+        """Score every sample in one concurrent call; apply on_error and overlong shaping."""
+        r = self.cfg.rollout
         t1 = time.perf_counter()
         outcomes = self.scorer.score(inputs)  # concurrent; raises only with on_error: raise
         skipped_groups = set()
