@@ -312,7 +312,16 @@ tok/s), {100 * (r["native_peak_fraction"] or 0):.1f}% of the {fmt(r["bf16_peak_g
 bf16 matmul peak measured in the same run. `generate` computes
 {fmt(r["hf_generate_raw_tok_s"])} tok/s counting its padded rows. 1-minute load average during
 the run: {r["load_avg_1m"]} (the machine is shared; other jobs lower both figures).
+
+Why the fraction is small: the number of decode steps is set by the longest response
+({r["max_len"]}), and {_few_rows_steps(w.lengths)} of those steps have at most 8 sequences left;
+every step reads all {2 * r["params"] / 1e6:.0f} MB of bf16 weights, so the tail is
+memory-bandwidth bound, not matmul bound.
 """
+
+
+def _few_rows_steps(lengths: list[int], rows: int = 8) -> int:
+    return sum(1 for t in range(max(lengths)) if sum(n > t for n in lengths) <= rows)
 
 
 if __name__ == "__main__":

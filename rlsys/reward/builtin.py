@@ -169,11 +169,15 @@ def overlong_penalty(
     buffer. Needs token ids (`RewardInput.sample`)."""
     if not 0 < buffer <= max_tokens:
         raise ValueError(f"overlong needs 0 < buffer <= max_tokens, got {buffer}, {max_tokens}")
-    start = max_tokens - buffer
     out = []
     for s in samples:
         if not s.response_ids and s.meta.get("response_text"):
             raise ValueError("overlong counts tokens: score with RewardInput.sample set")
-        n = len(s.response_ids)
-        out.append(0.0 if n <= start else -penalty * min(n - start, buffer) / buffer)
+        out.append(soft_overlong(len(s.response_ids), max_tokens, buffer, penalty))
     return out
+
+
+def soft_overlong(length: int, max_tokens: int, buffer: int, penalty: float = 1.0) -> float:
+    """The DAPO penalty of one response of `length` tokens (formula in `overlong_penalty`)."""
+    start = max_tokens - buffer
+    return 0.0 if length <= start else -penalty * min(length - start, buffer) / buffer

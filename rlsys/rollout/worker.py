@@ -234,9 +234,7 @@ _TIED = {"lm_head.weight"}
 
 
 def overlong_penalty(length: int, max_len: int, cfg) -> float:
-    """DAPO's soft overlong penalty: 0 up to max_len - buffer, then a linear ramp to -penalty
-    at max_len (responses cut at the cap get the full penalty)."""
-    start = max_len - cfg.buffer
-    if length <= start:
-        return 0.0
-    return -cfg.penalty * min(length - start, cfg.buffer) / cfg.buffer
+    """DAPO's soft overlong penalty for `algorithm.overlong` (see `soft_overlong`)."""
+    from rlsys.reward.builtin import soft_overlong
+
+    return soft_overlong(length, max_len, cfg.buffer, cfg.penalty)
