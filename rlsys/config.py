@@ -59,8 +59,11 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"
-    """Generation backend: `hf` (batched transformers generate)."""
+    engine: str = "native"
+    """Generation backend: `native` (continuous batching, KV-cache pool; Llama-family models)
+    or `hf` (batched transformers generate, any architecture)."""
+    max_batch: int = 64
+    """native: KV-cache slots, i.e. samples decoded together."""
     prompts_per_step: int = 8
     """Prompt groups per training step."""
     n_samples_per_prompt: int = 8
@@ -358,7 +361,7 @@ def from_dict(d: dict) -> RecipeConfig:
 # validation
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax", "gae")
-ENGINES = ("hf",)
+ENGINES = ("native", "hf")
 DTYPES = ("float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -427,6 +430,7 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     _positive("rollout.temperature", cfg.rollout.temperature)
     _positive("rollout.workers", cfg.rollout.workers)
+    _positive("rollout.max_batch", cfg.rollout.max_batch)
     _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
     _positive("eval.every", cfg.eval.every, allow_zero=True)
     _positive("eval.num_prompts", cfg.eval.num_prompts)

@@ -44,7 +44,21 @@ class RolloutWorker:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
-        self.engine = HFGenerator(self.model, [e for e in eos_ids if e is not None], pad or 0)
+        self.native = None
+        if self.cfg.rollout.engine == "native":
+            from rlsys.rollout.batch import EngineGenerator
+            from rlsys.rollout.native import NativeEngine
+
+            r = self.cfg.rollout
+            context = self.cfg.data.max_prompt_tokens + r.max_new_tokens
+            if r.agent.env is not None:  # a whole trajectory lives in one slot
+                context += r.turns.max_total_tokens
+            ncfg = NativeEngine.Config(dtype=r.dtype, max_batch=r.max_batch, max_seq_len=context)
+            self.native = NativeEngine.from_hf_model(self.model, self.tokenizer, ncfg)
+            self.engine = EngineGenerator(self.native)
+            del self.model  # the engine holds its own copy of the weights
+        else:
+            self.engine = HFGenerator(self.model, [e for e in eos_ids if e is not None], pad or 0)
         self.scorer = build_scorer(self.cfg.reward, self.cfg.data.task)
         self.eos_ids = sorted(set(e for e in eos_ids if e is not None))
         self.agent = None
@@ -219,6 +233,10 @@ class RolloutWorker:
 
     def update_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load new policy weights in place; returns the new version."""
+        if self.native is not None:
+            self.native.update_weights(state, version)
+            self.version = version
+            return version
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k not in _TIED]
         if missing or unexpected:
