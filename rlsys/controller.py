@@ -39,11 +39,12 @@ def make_run_dir(cfg: RecipeConfig, recipe_path: str | None) -> Path:
     return d
 
 
-def _init_ray(cfg: RecipeConfig) -> None:
+def _init_ray(cfg: RecipeConfig) -> bool:
+    """Start (or join) Ray; True when this call started it and so must shut it down."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in ("RLSYS_CACHE", "HF_HOME") if k in os.environ}
@@ -56,6 +57,7 @@ def _init_ray(cfg: RecipeConfig) -> None:
     else:
         ncpu = cfg.cluster.num_cpus or max(os.cpu_count() or 1, 2)
         ray.init(num_cpus=ncpu, **kwargs)
+    return True
 
 
 def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
@@ -64,13 +66,9 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from rlsys import models
-    from rlsys.buffer.stream import StreamingBuffer
     from rlsys.data import PromptStream, load_splits
     from rlsys.logging import RunLogger
     from rlsys.reward.config import resolve_paths, validate_reward_config
-    from rlsys.rollout.worker import RolloutWorker
-    from rlsys.trainer.worker import TrainerWorker
-    from rlsys.weight_sync import push_weights
 
     # Everything that can fail on user input fails here, before any actor starts.
     validate_reward_config(cfg.reward, cfg.data.task)
@@ -88,7 +86,24 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     logger = RunLogger(run_dir, cfg.steps, to_dict(cfg), cfg.logging.wandb)
     logger.info(f"run dir: {run_dir}  model: {model_path}")
 
-    _init_ray(cfg)
+    started = _init_ray(cfg)
+    try:
+        return _run(cfg, model_path, run_dir, logger, stream, eval_prompts)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(cfg: RecipeConfig, model_path: str, run_dir, logger, stream, eval_prompts) -> dict:
+    """The actor part of `train`: start rollout workers, trainer and buffer; run the steps."""
+    import ray
+
+    from rlsys import models
+    from rlsys.buffer.stream import StreamingBuffer
+    from rlsys.rollout.worker import RolloutWorker
+    from rlsys.trainer.worker import TrainerWorker
+    from rlsys.weight_sync import push_weights
+
     cfg_d = to_dict(cfg)
     r = cfg.rollout
     rollout_cls = ray.remote(num_cpus=1)(RolloutWorker)

@@ -41,7 +41,12 @@ def test_two_step_run_trains_logs_and_exports(tmp_path: Path, tiny_model_path: s
             "logging.samples_per_table=5",
         ],
     )
+    import ray
+
+    assert not ray.is_initialized()
     summary = train(cfg, "quickstart.yaml")
+    # train() started Ray, so it must also stop it: a later ray.init() in the process works.
+    assert not ray.is_initialized()
     run = Path(summary["run_dir"])
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
