@@ -13,9 +13,9 @@ import ray
 
 
 def push_weights(trainer, workers: list, version: int, dtype: str, nbytes: int) -> dict[str, float]:
-    """Copy the trainer's weights to every worker; returns `sync/*` metrics."""
+    """Copy the trainer's (a `TrainerGroup`) weights to every worker; returns `sync/*` metrics."""
     t0 = time.perf_counter()
-    ref = trainer.get_weights.remote(dtype)
+    ref = trainer.weights_ref(dtype)
     versions = ray.get([w.update_weights.remote(ref, version) for w in workers])
     if any(v != version for v in versions):
         raise RuntimeError(f"weight sync: workers report versions {versions}, expected {version}")

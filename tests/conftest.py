@@ -53,3 +53,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
+
+
+def _synthetic_groups(n_groups: int = 3, n: int = 4, seed: int = 0) -> list:
+    """Finished, scored groups of random token ids (ids < 300, mixed lengths)."""
+    import random
+
+    from rlsys.types import Sample, SampleGroup, Status
+
+    rng = random.Random(seed)
+    out = []
+    for g in range(n_groups):
+        prompt = [rng.randrange(5, 300) for _ in range(rng.randint(3, 8))]
+        samples = []
+        for j in range(n):
+            s = Sample(group_id=g, index=j, prompt_ids=prompt)
+            k = rng.randint(1, 12)
+            s.append(
+                [rng.randrange(5, 300) for _ in range(k)],
+                [-rng.random() for _ in range(k)],
+                0,
+                True,
+            )
+            s.finish(Status.DONE, "stop")
+            s.reward = float(rng.random() < 0.5) + 0.1 * j
+            samples.append(s)
+        out.append(SampleGroup(g, samples))
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_groups():
+    """`synthetic_groups(n_groups=3, n=4, seed=0)` -> list[SampleGroup]."""
+    return _synthetic_groups

@@ -146,3 +146,37 @@ def micro_batches(
         padded_micro_batch(lengths, rows[i : i + max_samples], input_ids)
         for i in range(0, len(rows), max_samples)
     ]
+
+
+def rank_micro_batches(
+    lengths: torch.Tensor,
+    rows: list[int],
+    input_ids: torch.Tensor,
+    packing: bool,
+    max_tokens: int,
+    max_samples: int,
+    rank: int,
+    world: int,
+) -> tuple[list[MicroBatch], int]:
+    """This rank's micro-batches of `rows`, and the largest count on any rank.
+
+    Rows are split across ranks by token count (`balance`), then micro-batched. Every rank
+    computes the same split, so each knows how many micro-batches the busiest rank has and can
+    pad its own list to that count (ZeRO-2/3 communicate inside every forward/backward, so all
+    ranks must run the same number)."""
+    if world == 1:
+        mbs = micro_batches(lengths, rows, input_ids, packing, max_tokens, max_samples)
+        return mbs, len(mbs)
+    parts = balance([int(lengths[r]) for r in rows], world)
+    counts = []
+    for part in parts:
+        n = len(part)
+        if packing:
+            counts.append(
+                len(first_fit_decreasing([int(lengths[rows[i]]) for i in part], max_tokens))
+            )
+        else:
+            counts.append(-(-n // max_samples))
+    mine = [rows[i] for i in parts[rank]]
+    mbs = micro_batches(lengths, mine, input_ids, packing, max_tokens, max_samples) if mine else []
+    return mbs, max(max(counts), 1)

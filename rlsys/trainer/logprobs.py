@@ -9,6 +9,7 @@ The LM head is applied only at positions whose next token is a response token, s
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def token_logprobs(
@@ -36,8 +37,8 @@ def token_logprobs(
     if fused:
         from rlsys.kernels import fused_logprob_entropy
 
-        weight = model.get_output_embeddings().weight
-        lp, ent = fused_logprob_entropy(h, weight, targets, temperature)
+        head = model.get_output_embeddings()
+        lp, ent = _as_forward(head, lambda w: fused_logprob_entropy(h, w, targets, temperature))
     else:
         logits = model.get_output_embeddings()(h).float() / temperature  # [N, V]
         logsm = torch.log_softmax(logits, dim=-1)
@@ -48,3 +49,43 @@ def token_logprobs(
     logp[:, 1:][sel] = lp
     entropy[:, 1:][sel] = ent
     return logp, entropy
+
+
+def _as_forward(module: torch.nn.Module, fn):
+    """fn(module.weight), run as `module`'s forward so that the hooks around the module's
+    forward and backward still fire: DeepSpeed ZeRO-3 gathers the sharded weight there (and
+    releases it after), which a direct read of `module.weight` would bypass."""
+    module.forward = lambda: fn(module.weight)
+    try:
+        return module()
+    finally:
+        del module.forward
+
+
+class TokenLogprobs(nn.Module):
+    """`token_logprobs` of the wrapped causal LM as one module forward, so that an engine
+    wrapping this module (DeepSpeed) sees each micro-batch as one top-level forward: its
+    per-forward bookkeeping (ZeRO-3 gathers, gradient-accumulation counters) runs."""
+
+    def __init__(self, lm: nn.Module, temperature: float, fused: bool) -> None:
+        super().__init__()
+        self.lm = lm
+        self.temperature = temperature
+        self.fused = fused
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(
+            self.lm,
+            input_ids,
+            attention_mask,
+            response_mask,
+            self.temperature,
+            position_ids,
+            self.fused,
+        )

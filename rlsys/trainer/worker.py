@@ -1,30 +1,32 @@
-"""TrainerWorker: one policy update per batch of finished groups (plain PyTorch AdamW).
+"""TrainerWorker: one rank of the policy trainer (DeepSpeed ZeRO, `trainer.ranks` of them).
 
-A step reads top to bottom:
+A step reads top to bottom (every rank runs it on the same batch, on its share of the rows):
 
 1. no-grad passes, only those the recipe needs: pre-update logprobs (several mini-batches or
-   a KL reward), reference logprobs (KL), critic values (PPO);
-2. per-token advantages (`trainer/algorithm.py`);
+   a KL reward), reference logprobs (KL), critic values (PPO); each rank computes its rows and
+   an all-reduce gives every rank the full [B, L] tensors;
+2. per-token advantages (`trainer/algorithm.py`), identical on every rank;
 3. for each mini-batch of whole groups: micro-batched forward/backward of policy loss
-   (+ KL loss term, - entropy bonus) -> clip -> AdamW step; then the critic's value loss;
-4. version + 1.
+   (+ KL loss term, - entropy bonus) on this rank's rows -> ZeRO reduce, clip, AdamW step;
+   then the critic's value loss the same way;
+4. version + 1; metrics summed over ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from rlsys.buffer.packing import MicroBatch, micro_batches
+from rlsys.buffer.packing import MicroBatch, rank_micro_batches
 from rlsys.config import RecipeConfig, from_dict
 from rlsys.rollout.worker import setup_actor_process
 from rlsys.trainer.algorithm import split_groups, token_advantages
 from rlsys.trainer.critic import Critic
-from rlsys.trainer.logprobs import token_logprobs
+from rlsys.trainer.engine import TrainEngine, free_port, init_distributed
+from rlsys.trainer.logprobs import TokenLogprobs
 from rlsys.trainer.losses import (
     AdaptiveKLController,
     kl_penalty,
@@ -37,72 +39,107 @@ from rlsys.types import SampleGroup, TrainBatch, collate
 
 
 class TrainerWorker:
-    def __init__(self, cfg: dict, model_path: str, critic_path: str | None = None) -> None:
+    """One trainer rank. Alone (`world_size=1`, no `master`) it creates its own process group,
+    so it also runs in-process; as one of N Ray actors, `TrainerGroup` passes the address."""
+
+    def __init__(
+        self,
+        cfg: dict,
+        model_path: str,
+        critic_path: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        master: tuple[str, int] | None = None,
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg: RecipeConfig = from_dict(cfg)
         setup_actor_process(self.cfg.cluster.threads_per_actor)
+        if master is None:
+            if world_size != 1:
+                raise ValueError("several trainer ranks need a master (address, port)")
+            master = ("127.0.0.1", free_port())
+        init_distributed(rank, world_size, *master)
+        self.rank, self.world = rank, world_size
         torch.manual_seed(self.cfg.seed)
         dtype = getattr(torch, self.cfg.model.dtype)
         al, t = self.cfg.algorithm, self.cfg.trainer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model.config.use_cache = False
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
+        total = self.cfg.steps * t.mini_batches
+        temp, fused = self.cfg.rollout.temperature, t.fused_logprob
+        self.policy = TrainEngine(TokenLogprobs(model, temp, fused), t, t.lr, total, "lm.")
+        self.model = self.policy.module.lm  # the Hugging Face model (sharded under ZeRO-3)
         self.model.train()
-        self.model.config.use_cache = False
-        # fused=True: one kernel per step, no param-sized temporaries (foreach's intermediates
-        # were ~0.5 GB of peak on the 135M default model).
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=t.lr,
-            betas=tuple(t.betas),
-            weight_decay=t.weight_decay,
-            fused=True,
-        )
         self.ref = None
         if al.kl.mode != "none":
             # Frozen: under bf16 autocast its matmuls run in bf16 anyway, so bf16 weights give
             # the same logprobs at half the memory.
-            ref_dtype = torch.bfloat16 if t.autocast_bf16 else dtype
-            self.ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype).eval()
-            self.ref.requires_grad_(False)
+            ref_dtype = torch.bfloat16 if t.autocast_bf16 and t.zero_stage < 3 else dtype
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
+            self.ref = TrainEngine(TokenLogprobs(ref, temp, fused), t, None, prefix="lm.")
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
-        self.critic = self.critic_opt = None
+        self.critic = None
         if al.advantage == "gae":
-            self.critic = Critic(critic_path or model_path, dtype)
-            self.critic_opt = torch.optim.AdamW(
-                self.critic.parameters(), lr=al.critic.lr, betas=tuple(t.betas), fused=True
-            )
-        if t.gradient_checkpointing:
-            kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-            self.model.gradient_checkpointing_enable(**kw)
-            if self.critic is not None:
-                self.critic.backbone.gradient_checkpointing_enable(**kw)
+            critic = Critic(critic_path or model_path, dtype)
+            if t.gradient_checkpointing:
+                critic.backbone.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs=_NO_REENTRANT
+                )
+            self.critic = TrainEngine(critic, t, al.critic.lr, total)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.version = 0
+
+    def ready(self) -> int:
+        """The rank, once the process group and engines are up."""
+        return self.rank
 
     def _autocast(self):
         if self.cfg.trainer.autocast_bf16:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_batches(self, batch: TrainBatch, rows: list[int]) -> list[MicroBatch]:
+    def _micro_batches(self, batch: TrainBatch, rows: list[int]) -> list[tuple[MicroBatch, bool]]:
+        """This rank's micro-batches of `rows` as (micro-batch, active), padded with inactive
+        repeats to the busiest rank's count: an inactive one runs forward/backward with a zero
+        loss so that every rank joins the same ZeRO collectives."""
         t = self.cfg.trainer
         lengths = batch.attention_mask.sum(-1)
-        return micro_batches(
-            lengths, rows, batch.input_ids, t.packing, t.micro_batch_tokens, t.micro_batch_size
+        mbs, n = rank_micro_batches(
+            lengths,
+            rows,
+            batch.input_ids,
+            t.packing,
+            t.micro_batch_tokens,
+            t.micro_batch_size,
+            self.rank,
+            self.world,
         )
+        out = [(mb, True) for mb in mbs]
+        if len(out) < n:
+            from rlsys.buffer.packing import packed_micro_batch
 
-    def _logp(self, model, mb: MicroBatch, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            filler = mbs[0] if mbs else packed_micro_batch(lengths, [rows[0]], batch.input_ids)
+            out += [(filler, False)] * (n - len(out))
+        return out
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (in place); identity on one rank."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(x)
+        return x
+
+    def _logp(
+        self, engine: TrainEngine, mb: MicroBatch, resp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp, entropy) [b, l] of `engine`'s model (policy or reference) on a micro-batch."""
         with self._autocast():
-            return token_logprobs(
-                model,
-                mb.input_ids,
-                mb.attention_mask,
-                resp,
-                self.cfg.rollout.temperature,
-                mb.position_ids,
-                fused=self.cfg.trainer.fused_logprob,
-            )
+            return engine(mb.input_ids, mb.attention_mask, resp, mb.position_ids)
 
     def _values(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
         assert self.critic is not None
@@ -113,9 +150,11 @@ class TrainerWorker:
     def _full_pass(self, fn: Callable, batch: TrainBatch) -> torch.Tensor:
         """fn(micro_batch, response_mask) over the whole batch, back in the [B, L] layout."""
         out = torch.zeros(batch.response_mask.shape)
-        for mb in self._micro_batches(batch, list(range(batch.input_ids.shape[0]))):
-            mb.scatter(fn(mb, mb.gather(batch.response_mask)).float(), out)
-        return out
+        for mb, active in self._micro_batches(batch, list(range(batch.input_ids.shape[0]))):
+            y = fn(mb, mb.gather(batch.response_mask)).float()
+            if active:
+                mb.scatter(y, out)
+        return self._all_reduce(out)
 
     def train_step(self, groups: list[SampleGroup]) -> dict[str, Any]:
         """One policy (and critic) update on `groups`; returns `train/*` metrics."""
@@ -130,7 +169,7 @@ class TrainerWorker:
         need_old = t.mini_batches > 1 or al.kl.mode == "reward"
         old_lp = ref_lp = old_v = None
         if need_old:
-            old_lp = self._full_pass(lambda mb, r: self._logp(self.model, mb, r)[0], batch)
+            old_lp = self._full_pass(lambda mb, r: self._logp(self.policy, mb, r)[0], batch)
         if self.ref is not None:
             ref_lp = self._full_pass(lambda mb, r: self._logp(self.ref, mb, r)[0], batch)
         if self.critic is not None:
@@ -151,6 +190,14 @@ class TrainerWorker:
 
         # 3. mini-batches of whole groups, one optimizer step each
         sums: dict[str, float] = dict(stats)
+        local = dict.fromkeys(_LOCAL_KEYS, 0.0)
+        reported = {"train/loss", "train/entropy", "train/clip_frac", "train/rollout_logprob_diff"}
+        if self.ref is not None:
+            reported.add("train/kl")
+        if al.off_policy.mode != "none":
+            reported.add("train/is_weight")
+        if self.critic is not None:
+            reported.add("train/value_loss")
         chunks = torch.arange(n_groups).chunk(t.mini_batches)
         policy_frozen = self.critic is not None and self.version < al.critic.warmup_steps
         norm_len = al.norm_len or self.cfg.rollout.max_new_tokens
@@ -160,10 +207,9 @@ class TrainerWorker:
             in_mb[rows] = mask[rows]
             weights = token_weights(in_mb, al.loss_agg, norm_len)  # this mini-batch's loss
             mbs = self._micro_batches(batch, rows)
-            self.opt.zero_grad(set_to_none=True)
-            for mb in mbs:
+            for i, (mb, active) in enumerate(mbs):
                 x = {k: None if v is None else mb.gather(v) for k, v in fields.items()}
-                logp, ent = self._logp(self.model, mb, x["resp"])
+                logp, ent = self._logp(self.policy, mb, x["resp"])
                 mm = x["resp"]
                 old = logp.detach() if x["old"] is None else x["old"]
                 w, mm = off_policy_weights(
@@ -180,37 +226,45 @@ class TrainerWorker:
                     al.dual_clip,
                     w,
                 )
+                kl = None
                 if al.kl.mode == "loss":
                     kl = kl_penalty(logp, x["ref"], al.kl.estimator) * mm
                     tok = tok + kl_coef * kl
-                    _acc(sums, "train/kl", float(kl.detach().sum()) / n_tok)
                 elif x["ref"] is not None:
                     kl = kl_penalty(logp.detach(), x["ref"], al.kl.estimator) * mm
-                    _acc(sums, "train/kl", float(kl.sum()) / n_tok)
                 if al.entropy_coef:
                     tok = tok - al.entropy_coef * ent * mm
                 loss = (tok * mb.gather(weights)).sum()
+                if not active:
+                    loss = loss * 0.0
                 if not policy_frozen:
-                    loss.backward()
-                _acc(sums, "train/loss", float(loss.detach()) / len(chunks))
-                _acc(sums, "train/entropy", float((ent.detach() * mm).sum()) / n_tok)
-                _acc(sums, "train/clip_frac", float(clipped.sum()) / n_tok)
+                    self.policy.backward(loss, last=i == len(mbs) - 1)
+                if not active:
+                    continue
+                local["train/loss"] += float(loss.detach()) / len(chunks)
+                local["train/entropy"] += float((ent.detach() * mm).sum()) / n_tok
+                local["train/clip_frac"] += float(clipped.sum()) / n_tok
                 diff = ((old - x["behav"]).abs() * x["resp"]).sum()
-                _acc(sums, "train/rollout_logprob_diff", float(diff) / n_tok)
+                local["train/rollout_logprob_diff"] += float(diff) / n_tok
+                if kl is not None:
+                    local["train/kl"] += float(kl.detach().sum()) / n_tok
                 if w is not None:
-                    _acc(sums, "train/is_weight", float((w * mm).sum()) / n_tok)
+                    local["train/is_weight"] += float((w * mm).sum()) / n_tok
             if not policy_frozen:
-                gn = self._step(self.model, self.opt, t.grad_clip)
-                _acc(sums, "train/grad_norm", gn / len(chunks))
+                _acc(sums, "train/grad_norm", self.policy.step() / len(chunks))
             if self.critic is not None:
-                vl = self._critic_step(mbs, fields, weights)
-                _acc(sums, "train/value_loss", vl / len(chunks))
+                local["train/value_loss"] += self._critic_step(mbs, fields, weights) / len(chunks)
+        # per-micro-batch sums, over all ranks
+        red = self._all_reduce(torch.tensor(list(local.values()), dtype=torch.float64))
+        for k, v in zip(local, red.tolist(), strict=True):
+            if k in reported:
+                sums[k] = sums.get(k, 0.0) + v
         if al.kl.mode == "reward" and al.kl.adaptive and "train/kl_reward" in sums:
             self.kl_ctl.update(sums["train/kl_reward"], len(gr.samples))
         self.version += 1
         sums.update(
             {
-                "train/lr": self.opt.param_groups[0]["lr"],
+                "train/lr": self.policy.lr,
                 "train/tokens": float(batch.num_tokens),
                 "train/version": self.version,
                 "train/kl_coef": kl_coef,
@@ -220,50 +274,96 @@ class TrainerWorker:
         )
         return sums
 
-    def _critic_step(self, mbs: list[MicroBatch], fields: dict, weights: torch.Tensor) -> float:
-        assert self.critic is not None and self.critic_opt is not None
-        self.critic_opt.zero_grad(set_to_none=True)
+    def _critic_step(
+        self, mbs: list[tuple[MicroBatch, bool]], fields: dict, weights: torch.Tensor
+    ) -> float:
+        """One value-loss update over the mini-batch's micro-batches; returns this rank's
+        summed loss."""
+        assert self.critic is not None
         total = 0.0
         clip = self.cfg.algorithm.critic.value_clip
-        for mb in mbs:
+        for i, (mb, active) in enumerate(mbs):
             resp = mb.gather(fields["resp"])
             v = self._values(mb, resp)
             tok = value_loss(v, mb.gather(fields["old_v"]), mb.gather(fields["ret"]), resp, clip)
-            loss = (tok * mb.gather(weights)).sum()
-            loss.backward()
+            loss = (tok * mb.gather(weights)).sum() * (1.0 if active else 0.0)
+            self.critic.backward(loss, last=i == len(mbs) - 1)
             total += float(loss.detach())
-        self._step(self.critic, self.critic_opt, self.cfg.trainer.grad_clip)
+        self.critic.step()
         return total
 
-    def _step(self, model: torch.nn.Module, opt: torch.optim.Optimizer, clip: float) -> float:
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
-        if not torch.isfinite(gn):
-            opt.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"non-finite gradient norm at version {self.version}: the update was skipped; "
-                "lower trainer.lr or check the rewards"
-            )
-        opt.step()
-        return float(gn)
-
-    def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
-        """Full state dict (optionally cast), for weight sync."""
-        dt = getattr(torch, dtype) if dtype else None
-        return {
-            k: (v.detach().to(dt) if dt else v.detach()).contiguous()
-            for k, v in self.model.state_dict().items()
-        }
+    def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor] | None:
+        """Full state dict (optionally cast) on rank 0, None on other ranks; collective under
+        ZeRO-3 (every rank must call it), for weight sync."""
+        return self.policy.full_state_dict(getattr(torch, dtype) if dtype else None)
 
     def weight_bytes(self, dtype: str) -> int:
         """Bytes `get_weights(dtype)` returns."""
-        size = getattr(torch, dtype).itemsize if dtype else 4
-        return sum(v.numel() for v in self.model.state_dict().values()) * size
+        return self.policy.num_bytes(getattr(torch, dtype) if dtype else None)
 
     def save_pretrained(self, out_dir: str) -> str:
-        """Write the policy as a Hugging Face folder (weights, config, tokenizer)."""
-        self.model.save_pretrained(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
+        """Write the policy as a Hugging Face folder (weights, config, tokenizer) from rank 0;
+        collective under ZeRO-3."""
+        state = self.policy.full_state_dict()
+        if self.rank == 0:
+            assert state is not None
+            self.model.save_pretrained(out_dir, state_dict=state)
+            self.tokenizer.save_pretrained(out_dir)
         return out_dir
+
+    def save_state(self, path: str) -> None:
+        """Write everything a resumed run needs under `path` (collective: every rank calls it
+        with the same path, on a filesystem all ranks share; see `trainer/checkpoint.py`):
+
+        - `policy/`, `critic/`: DeepSpeed checkpoints (weights, optimizer, LR schedule; one
+          ZeRO shard per rank); the frozen reference model is rebuilt from `model.path`;
+        - `rank<i>.pt`: this rank's version, KL coefficient and torch RNG states;
+        - rank 0 only: `hf/`, the policy as a Hugging Face folder (what `rlsys export` copies),
+          and `trainer.json` (`version`, `ranks`), which the controller checks against its own
+          step before it declares the checkpoint complete."""
+        import json
+        import os
+
+        self.policy.save(os.path.join(path, "policy"))
+        if self.critic is not None:
+            self.critic.save(os.path.join(path, "critic"))
+        rng = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        state = {"version": self.version, "kl_coef": float(self.kl_ctl.value), **rng}
+        torch.save(state, os.path.join(path, f"rank{self.rank}.pt"))
+        self.save_pretrained(os.path.join(path, "hf"))
+        if self.rank == 0:
+            with open(os.path.join(path, "trainer.json"), "w") as f:
+                json.dump({"version": self.version, "ranks": self.world}, f)
+
+    def load_state(self, path: str) -> None:
+        """Restore what `save_state(path)` wrote (collective; the same `trainer.ranks` and
+        ZeRO stage, which the controller checks before any actor starts). Raises
+        FileNotFoundError or RuntimeError on a missing or unreadable part."""
+        import os
+
+        self.policy.load(os.path.join(path, "policy"))
+        if self.critic is not None:
+            self.critic.load(os.path.join(path, "critic"))
+        state = torch.load(os.path.join(path, f"rank{self.rank}.pt"), weights_only=True)
+        self.version = int(state["version"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+_NO_REENTRANT = {"use_reentrant": False}
+_LOCAL_KEYS = (
+    "train/loss",
+    "train/entropy",
+    "train/clip_frac",
+    "train/rollout_logprob_diff",
+    "train/kl",
+    "train/is_weight",
+    "train/value_loss",
+)
 
 
 def _acc(d: dict[str, float], k: str, v: float) -> None:

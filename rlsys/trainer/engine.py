@@ -1,0 +1,250 @@
+"""TrainEngine: one rank's share of a model (+ optimizer, LR schedule) under DeepSpeed ZeRO.
+
+N trainer ranks form one data-parallel group (gloo on CPU, NCCL on GPU). Stage 1 shards the
+optimizer state, 2 also the gradients, 3 also the parameters; 0 replicates everything.
+
+Gradient convention: every rank back-propagates its share of one *globally* normalised loss
+(token weights computed over the whole mini-batch), so the true gradient is the **sum** over
+ranks. DeepSpeed averages gradients over the data-parallel group, hence `backward` scales the
+loss by the world size. The caller owns gradient accumulation: `backward` per micro-batch (all
+ranks the same number of times, the last one flagged as the accumulation boundary), one
+`step` per mini-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlsys.config import TrainerConfig
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(rank: int, world_size: int, addr: str, port: int) -> None:
+    """Join (or, alone, create) the trainer's process group; a no-op when already joined.
+
+    DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce op on first use
+    (~2 minutes); gloo's all-reduce is fast enough at these sizes, so the build is skipped."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    os.environ.update(
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+        LOCAL_SIZE="1",
+    )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier on the base LR at optimizer step s: linear warm-up over `warmup` steps, then
+    constant, linear decay to 0, or cosine decay to 0 at `total`."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        frac = min((s - warmup) / max(total - warmup, 1), 1.0)
+        if schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def ds_config(t: TrainerConfig, with_optimizer: bool = True) -> dict[str, Any]:
+    """The DeepSpeed config of one engine. Buckets stay small: the defaults (5e8 elements)
+    would allocate gigabytes of CPU buffers for a 135M model."""
+    bucket = int(t.bucket_mb * 2**20 / 4)
+    zero: dict[str, Any] = {
+        "stage": t.zero_stage,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+    }
+    if t.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=bucket,
+            stage3_param_persistence_threshold=0,
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
+    if t.offload and with_optimizer and t.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": t.grad_clip if t.grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class TrainEngine:
+    """A module (trainable with `lr`, or frozen with `lr=None`) on this rank under ZeRO."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        t: TrainerConfig,
+        lr: float | None,
+        total_steps: int = 0,
+        prefix: str = "",
+    ) -> None:
+        """`prefix`: dropped from state-dict names (the wrapped model's attribute name)."""
+        import deepspeed
+        import torch.distributed as dist
+
+        self.cfg = t
+        self.prefix = prefix
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.trainable = lr is not None
+        if not self.trainable and t.zero_stage < 3:
+            # Nothing to shard but parameters, and only stage 3 shards those.
+            self.engine = None
+            self.module = module.eval().requires_grad_(False)
+            return
+        opt = sched = None
+        if self.trainable:
+            opt = torch.optim.AdamW(
+                module.parameters(),
+                lr=lr,
+                betas=tuple(t.betas),
+                weight_decay=t.weight_decay,
+                fused=True,
+            )
+            f = lr_lambda(t.lr_schedule, t.warmup_steps, total_steps)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=ds_config(t, with_optimizer=self.trainable),
+        )
+        self.module = self.engine.module
+        if not self.trainable:
+            self.module.eval()
+
+    def __call__(self, *args, **kwargs):
+        """The module's forward, through the engine (its per-forward bookkeeping runs)."""
+        if self.engine is None:
+            return self.module(*args, **kwargs)
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Accumulate d(world * loss): the sum over ranks of each rank's share. `last` marks
+        the mini-batch's final micro-batch (the accumulation boundary, where ZeRO reduces)."""
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(
+                "non-finite loss: the update was skipped; lower trainer.lr or check the rewards"
+            )
+        assert self.engine is not None
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Reduce the accumulated gradients, clip, step the optimizer and LR schedule; returns
+        the global gradient norm before clipping."""
+        assert self.engine is not None
+        self.engine.step()
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else float("nan")
+        if not math.isfinite(gn):
+            raise FloatingPointError("non-finite gradient norm: lower trainer.lr")
+        return gn
+
+    @property
+    def lr(self) -> float:
+        assert self.engine is not None
+        return float(self.engine.get_lr()[0])
+
+    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every state-dict entry (tied weights under each name), parameters first."""
+        n0 = len(self.prefix)
+        for n, p in self.module.named_parameters(remove_duplicate=False):
+            yield n[n0:], p
+        names = set(self.module.state_dict().keys())
+        for n, b in self.module.named_buffers():
+            if n in names:
+                yield n[n0:], b
+
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: every rank must
+        call it. Gathered `bucket_mb` at a time, so no rank ever holds a second full fp32
+        copy; rank 0 keeps only the (cast) output."""
+        if self.cfg.zero_stage < 3 or self.engine is None:
+            if self.rank != 0:
+                return None
+            return {
+                k[len(self.prefix) :]: (v.detach().to(dtype) if dtype else v.detach().clone())
+                for k, v in self.module.state_dict().items()
+            }
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        limit = self.cfg.bucket_mb * 2**20
+        bucket: list[tuple[str, torch.Tensor]] = []
+
+        def flush() -> None:
+            params = [p for _, p in bucket if hasattr(p, "ds_id")]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.rank == 0:
+                    for n, p in bucket:
+                        v = p.detach()
+                        out[n] = (v.to(dtype) if dtype else v.clone()).contiguous()
+            bucket.clear()
+
+        size = 0
+        for n, p in self._tensors():
+            bucket.append((n, p))
+            size += getattr(p, "ds_numel", p.numel()) * p.element_size()
+            if size >= limit:
+                flush()
+                size = 0
+        if bucket:
+            flush()
+        return out if self.rank == 0 else None
+
+    def num_bytes(self, dtype: torch.dtype | None) -> int:
+        """Bytes of `full_state_dict(dtype)`."""
+        n = sum(getattr(p, "ds_numel", p.numel()) for _, p in self._tensors())
+        return n * (dtype.itemsize if dtype else 4)
+
+    def save(self, path: str) -> None:
+        """DeepSpeed checkpoint of this engine (collective: every rank writes its shard)."""
+        if self.engine is not None:
+            self.engine.save_checkpoint(path, tag="engine", save_latest=False)
+
+    def load(self, path: str) -> None:
+        if self.engine is not None:
+            load_path, _ = self.engine.load_checkpoint(
+                path, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if load_path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
