@@ -73,29 +73,37 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
-def ds_config(t: TrainerConfig, with_optimizer: bool = True) -> dict[str, Any]:
+def effective_stage(t: TrainerConfig, world: int) -> int:
+    """The ZeRO stage an engine runs: `trainer.zero_stage`, except that one rank has nothing
+    to shard, so it runs stage 0 (no flat fp32 copy of the weights, no partition bookkeeping)
+    unless `offload` asks for ZeRO-Offload."""
+    return t.zero_stage if world > 1 or t.offload else 0
+
+
+def ds_config(t: TrainerConfig, stage: int, with_optimizer: bool = True) -> dict[str, Any]:
     """The DeepSpeed config of one engine. Buckets stay small: the defaults (5e8 elements)
     would allocate gigabytes of CPU buffers for a 135M model."""
     bucket = int(t.bucket_mb * 2**20 / 4)
     zero: dict[str, Any] = {
-        "stage": t.zero_stage,
+        "stage": stage,
         "reduce_bucket_size": bucket,
         "allgather_bucket_size": bucket,
         "overlap_comm": False,
         "contiguous_gradients": True,
     }
-    if t.zero_stage == 3:
+    if stage == 3:
         zero.update(
             stage3_prefetch_bucket_size=bucket,
             stage3_param_persistence_threshold=0,
             stage3_gather_16bit_weights_on_model_save=False,
         )
-    if t.offload and with_optimizer and t.zero_stage > 0:
+    if t.offload and with_optimizer and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": t.grad_clip if t.grad_clip > 0 else 0.0,
+        # stage 0 leaves the norm unrecorded, so TrainEngine.step clips there itself
+        "gradient_clipping": t.grad_clip if t.grad_clip > 0 and stage > 0 else 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -125,7 +133,8 @@ class TrainEngine:
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
         self.trainable = lr is not None
-        if not self.trainable and t.zero_stage < 3:
+        self.stage = effective_stage(t, self.world)
+        if not self.trainable and self.stage < 3:
             # Nothing to shard but parameters, and only stage 3 shards those.
             self.engine = None
             self.module = module.eval().requires_grad_(False)
@@ -145,7 +154,7 @@ class TrainEngine:
             model=module,
             optimizer=opt,
             lr_scheduler=sched,
-            config=ds_config(t, with_optimizer=self.trainable),
+            config=ds_config(t, self.stage, with_optimizer=self.trainable),
         )
         self.module = self.engine.module
         if not self.trainable:
@@ -172,9 +181,19 @@ class TrainEngine:
         """Reduce the accumulated gradients, clip, step the optimizer and LR schedule; returns
         the global gradient norm before clipping."""
         assert self.engine is not None
+        if self.stage == 0:  # gradients are already all-reduced at the boundary backward
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            gn = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+            if not math.isfinite(gn):
+                self.engine.zero_grad()
+                raise FloatingPointError(
+                    "non-finite gradient norm: the update was skipped; lower trainer.lr"
+                )
+            self.engine.step()
+            return gn
         self.engine.step()
-        gn = self.engine.get_global_grad_norm()
-        gn = float(gn) if gn is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()
+        gn = float(norm) if norm is not None else float("nan")
         if not math.isfinite(gn):
             raise FloatingPointError("non-finite gradient norm: lower trainer.lr")
         return gn
@@ -198,7 +217,7 @@ class TrainEngine:
         """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: every rank must
         call it. Gathered `bucket_mb` at a time, so no rank ever holds a second full fp32
         copy; rank 0 keeps only the (cast) output."""
-        if self.cfg.zero_stage < 3 or self.engine is None:
+        if self.stage < 3 or self.engine is None:
             if self.rank != 0:
                 return None
             return {

@@ -25,7 +25,7 @@ from rlsys.config import RecipeConfig, from_dict
 from rlsys.rollout.worker import setup_actor_process
 from rlsys.trainer.algorithm import split_groups, token_advantages
 from rlsys.trainer.critic import Critic
-from rlsys.trainer.engine import TrainEngine, free_port, init_distributed
+from rlsys.trainer.engine import TrainEngine, effective_stage, free_port, init_distributed
 from rlsys.trainer.logprobs import TokenLogprobs
 from rlsys.trainer.losses import (
     AdaptiveKLController,
@@ -78,7 +78,9 @@ class TrainerWorker:
         if al.kl.mode != "none":
             # Frozen: under bf16 autocast its matmuls run in bf16 anyway, so bf16 weights give
             # the same logprobs at half the memory.
-            ref_dtype = torch.bfloat16 if t.autocast_bf16 and t.zero_stage < 3 else dtype
+            ref_dtype = (
+                torch.bfloat16 if t.autocast_bf16 and effective_stage(t, world_size) < 3 else dtype
+            )
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
             self.ref = TrainEngine(TokenLogprobs(ref, temp, fused), t, None, prefix="lm.")
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)

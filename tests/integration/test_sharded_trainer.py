@@ -70,7 +70,7 @@ def one_rank(ray_session, synthetic_groups):
     return _run(1, 2, synthetic_groups)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_equal_one_rank(ray_session, synthetic_groups, one_rank, stage: int) -> None:
     m1, w1 = one_rank
     m2, w2 = _run(2, stage, synthetic_groups)
