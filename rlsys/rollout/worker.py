@@ -247,6 +247,36 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """The engine's current weights by Hugging Face name (copies)."""
+        if self.native is not None:
+            return {k: v.detach().clone() for k, v in self.native.model.params.items()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def sync_join(self, addr: str, port: int, rank: int, world: int) -> None:
+        """Join the trainer's weight-sync group as receiver `rank` (rlsys/weight_sync.py)."""
+        from rlsys.weight_sync import SyncMember
+
+        self.sync = SyncMember(addr, port, rank, world)
+
+    def sync_recv(self, plan: list, dtype: str, version: int) -> int:
+        """Receive a broadcast push bucket by bucket, loading each in place; the new version."""
+        if self.native is not None:
+
+            def load(views):
+                self.native.update_weights(views, version, partial=True)
+
+        else:
+
+            def load(views):
+                _, unexpected = self.model.load_state_dict(views, strict=False)
+                if unexpected:
+                    raise ValueError(f"weight update: unexpected tensors {unexpected}")
+
+        self.sync.recv(plan, getattr(torch, dtype), load)
+        self.version = version
+        return version
+
 
 _TIED = {"lm_head.weight"}
 

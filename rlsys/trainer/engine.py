@@ -13,6 +13,7 @@ ranks the same number of times, the last one flagged as the accumulation boundar
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -74,10 +75,12 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 def effective_stage(t: TrainerConfig, world: int) -> int:
-    """The ZeRO stage an engine runs: `trainer.zero_stage`, except that one rank has nothing
-    to shard, so it runs stage 0 (no flat fp32 copy of the weights, no partition bookkeeping)
-    unless `offload` asks for ZeRO-Offload."""
-    return t.zero_stage if world > 1 or t.offload else 0
+    """The ZeRO stage an engine runs: `trainer.zero_stage` when set; by default 2 across
+    several ranks (or with offload) and 0 on one rank, which has nothing to shard (stage 0
+    keeps no flat fp32 copy of the weights and no partition bookkeeping)."""
+    if t.zero_stage is not None:
+        return t.zero_stage
+    return 2 if world > 1 or t.offload else 0
 
 
 def ds_config(t: TrainerConfig, stage: int, with_optimizer: bool = True) -> dict[str, Any]:
@@ -204,51 +207,80 @@ class TrainEngine:
         return float(self.engine.get_lr()[0])
 
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every state-dict entry (tied weights under each name), parameters first."""
+        """Every weight once (a tied weight under its first name) and the persistent
+        buffers, with the wrapper's prefix dropped from the names."""
         n0 = len(self.prefix)
-        for n, p in self.module.named_parameters(remove_duplicate=False):
+        for n, p in self.module.named_parameters():
             yield n[n0:], p
         names = set(self.module.state_dict().keys())
         for n, b in self.module.named_buffers():
             if n in names:
                 yield n[n0:], b
 
-    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: every rank must
-        call it. Gathered `bucket_mb` at a time, so no rank ever holds a second full fp32
-        copy; rank 0 keeps only the (cast) output."""
-        if self.stage < 3 or self.engine is None:
-            if self.rank != 0:
-                return None
-            return {
-                k[len(self.prefix) :]: (v.detach().to(dtype) if dtype else v.detach().clone())
-                for k, v in self.module.state_dict().items()
-            }
+    def named_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, full shape) of every tensor `buckets` yields, in order."""
+        return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self._tensors()]
+
+    def buckets(
+        self, plan: list[list[tuple[str, tuple[int, ...]]]], dtype: torch.dtype | None = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """For each bucket of `plan` (names as in `named_shapes`), its full tensors on rank 0
+        (cast to `dtype`; an empty list on other ranks). Collective under ZeRO-3 (every rank
+        must iterate to the end): each bucket is gathered, yielded, and released before the
+        next, so no rank ever holds a second full copy of the weights."""
         import deepspeed
 
+        tensors = dict(self._tensors())
+        for bucket in plan:
+            ps = [tensors[n] for n, _ in bucket]
+            ctx = contextlib.nullcontext()
+            if self.stage == 3 and self.engine is not None:
+                sharded = list({id(p): p for p in ps if hasattr(p, "ds_id")}.values())
+                ctx = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
+            with ctx:
+                if self.rank != 0:
+                    yield []
+                    continue
+                yield [
+                    (n, p.detach().to(dtype) if dtype else p.detach())
+                    for (n, _), p in zip(bucket, ps, strict=True)
+                ]
+
+    def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """Full weights (copies) on rank 0, None elsewhere; collective under ZeRO-3."""
+        from rlsys.weight_sync import make_plan
+
+        plan = make_plan(self.named_shapes(), 4, self.cfg.bucket_mb)
         out: dict[str, torch.Tensor] = {}
-        limit = self.cfg.bucket_mb * 2**20
-        bucket: list[tuple[str, torch.Tensor]] = []
-
-        def flush() -> None:
-            params = [p for _, p in bucket if hasattr(p, "ds_id")]
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if self.rank == 0:
-                    for n, p in bucket:
-                        v = p.detach()
-                        out[n] = (v.to(dtype) if dtype else v.clone()).contiguous()
-            bucket.clear()
-
-        size = 0
-        for n, p in self._tensors():
-            bucket.append((n, p))
-            size += getattr(p, "ds_numel", p.numel()) * p.element_size()
-            if size >= limit:
-                flush()
-                size = 0
-        if bucket:
-            flush()
+        for bucket in self.buckets(plan, dtype):
+            out.update((n, t.clone().contiguous()) for n, t in bucket)
         return out if self.rank == 0 else None
+
+    def state_bytes(self) -> int:
+        """Bytes of model and optimizer state this rank holds (parameters or their ZeRO-3
+        shard, fp32 master partitions, Adam moments), each storage counted once."""
+        seen: set[int] = set()
+        total = 0
+
+        def add(x: Any) -> None:
+            nonlocal total
+            if torch.is_tensor(x) and x.numel():
+                st = x.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+
+        for p in self.module.parameters():
+            add(getattr(p, "ds_tensor", p))
+        if self.engine is not None and self.trainable:
+            inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+            for g in inner.param_groups:
+                for p in g["params"]:
+                    add(p)
+            for st in inner.state.values():
+                for v in st.values():
+                    add(v)
+        return total
 
     def num_bytes(self, dtype: torch.dtype | None) -> int:
         """Bytes of `full_state_dict(dtype)`."""

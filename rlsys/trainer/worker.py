@@ -53,6 +53,7 @@ class TrainerWorker:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self._base_rss = _rss_gb()
         self.cfg: RecipeConfig = from_dict(cfg)
         setup_actor_process(self.cfg.cluster.threads_per_actor)
         if master is None:
@@ -98,6 +99,18 @@ class TrainerWorker:
     def ready(self) -> int:
         """The rank, once the process group and engines are up."""
         return self.rank
+
+    def memory(self) -> dict[str, float]:
+        """This rank's memory: peak RSS above the process's RSS before the trainer was built,
+        and the model + optimizer state it holds (policy, critic, reference), in GB."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        engines = [e for e in (self.policy, self.critic, self.ref) if e is not None]
+        return {
+            "peak_gb": peak - self._base_rss,
+            "state_gb": sum(e.state_bytes() for e in engines) / 2**30,
+        }
 
     def _autocast(self):
         if self.cfg.trainer.autocast_bf16:
@@ -192,6 +205,7 @@ class TrainerWorker:
 
         # 3. mini-batches of whole groups, one optimizer step each
         sums: dict[str, float] = dict(stats)
+        lr = self.policy.lr  # the LR of this step's (first) update
         local = dict.fromkeys(_LOCAL_KEYS, 0.0)
         reported = {"train/loss", "train/entropy", "train/clip_frac", "train/rollout_logprob_diff"}
         if self.ref is not None:
@@ -266,7 +280,7 @@ class TrainerWorker:
         self.version += 1
         sums.update(
             {
-                "train/lr": self.policy.lr,
+                "train/lr": lr,
                 "train/tokens": float(batch.num_tokens),
                 "train/version": self.version,
                 "train/kl_coef": kl_coef,
@@ -302,6 +316,36 @@ class TrainerWorker:
     def weight_bytes(self, dtype: str) -> int:
         """Bytes `get_weights(dtype)` returns."""
         return self.policy.num_bytes(getattr(torch, dtype) if dtype else None)
+
+    # ---- weight sync (rlsys/weight_sync.py, `broadcast`): rank 0 sends, all ranks gather ----
+
+    def sync_plan(self, dtype: str, bucket_mb: float) -> list:
+        """The bucket plan of the policy's weights in the rollout dtype."""
+        from rlsys.weight_sync import make_plan
+
+        return make_plan(self.policy.named_shapes(), getattr(torch, dtype).itemsize, bucket_mb)
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where the sync group meets: this host and a free port."""
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def sync_join(self, addr: str, port: int, world: int) -> None:
+        """Rank 0 joins the sync group as its sender (rank 0 of that group)."""
+        from rlsys.weight_sync import SyncMember
+
+        self.sync = SyncMember(addr, port, 0, world)
+
+    def sync_send(self, plan: list, dtype: str) -> int:
+        """Broadcast the weights bucket by bucket (rank 0); the other ranks take part in the
+        ZeRO-3 gathers only. Returns the bytes sent."""
+        buckets = self.policy.buckets(plan, getattr(torch, dtype))
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return 0
+        return self.sync.send(buckets, getattr(torch, dtype))
 
     def save_pretrained(self, out_dir: str) -> str:
         """Write the policy as a Hugging Face folder (weights, config, tokenizer) from rank 0;
@@ -357,6 +401,16 @@ class TrainerWorker:
 
 
 _NO_REENTRANT = {"use_reentrant": False}
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 _LOCAL_KEYS = (
     "train/loss",
     "train/entropy",

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from rlsys.config import load_recipe, to_dict
+from rlsys.trainer.losses import LOSS_AGG
 from rlsys.trainer.worker import TrainerWorker
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", LOSS_AGG)
 def test_packed_step_equals_padded_step(tiny_model_path, synthetic_groups, agg: str) -> None:
     results = []
     for packing in (False, True):

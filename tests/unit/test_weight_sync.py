@@ -1,0 +1,55 @@
+"""Bucketed broadcast weight sync, in one process: two group members on two threads."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from rlsys.trainer.engine import free_port
+from rlsys.weight_sync import SyncMember, make_plan
+
+
+def test_plan_buckets_by_size() -> None:
+    shapes = [("a", (256, 256)), ("b", (10,)), ("c", (1024, 1024)), ("d", (3, 5))]
+    plan = make_plan(shapes, itemsize=2, mb=1)  # 1 MB buckets of bf16
+    assert [n for b in plan for n, _ in b] == ["a", "b", "c", "d"]  # order kept, each once
+    assert [len(b) for b in plan] == [3, 1]  # a+b+c passes 1 MB: closes; d alone
+    assert make_plan(shapes, itemsize=2, mb=64) == [shapes]
+
+
+def test_send_recv_in_buckets() -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = {f"w{i}": torch.randn(37 * (i + 1), 11, generator=g) for i in range(6)}
+    shapes = [(k, tuple(v.shape)) for k, v in weights.items()]
+    assert len(make_plan(shapes, 2, mb=0)) == 6  # a bucket per tensor at mb=0
+    plan = [shapes[:3], shapes[3:]]
+    port = free_port()
+    got: dict[str, torch.Tensor] = {}
+    loads: list[int] = []
+    sent: list[int] = []
+
+    def sender() -> None:
+        m = SyncMember("127.0.0.1", port, 0, 2)
+        buckets = ([(n, weights[n]) for n, _ in b] for b in plan)
+        sent.append(m.send(buckets, torch.bfloat16))
+
+    def receiver() -> None:
+        m = SyncMember("127.0.0.1", port, 1, 2)
+
+        def load(views):
+            loads.append(len(views))
+            got.update({k: v.clone() for k, v in views.items()})
+
+        m.recv(plan, torch.bfloat16, load)
+
+    ts = [threading.Thread(target=sender), threading.Thread(target=receiver)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert loads == [3, 3]  # one load per bucket
+    assert sent == [sum(v.numel() for v in weights.values()) * 2]
+    for k, v in weights.items():
+        assert got[k].dtype == torch.bfloat16 and got[k].shape == v.shape
+        assert torch.equal(got[k], v.to(torch.bfloat16)), k
