@@ -197,7 +197,22 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in backward (policy and critic): less memory."""
     ranks: int = 1
-    """Trainer actors (one here; DeepSpeed data parallel comes with the sharded trainer)."""
+    """Trainer ranks: Ray actors forming one DeepSpeed data-parallel group (gloo on CPU,
+    NCCL on GPU); micro-batches are balanced across them by token count."""
+    zero_stage: int | None = None
+    """DeepSpeed ZeRO stage across the ranks: 0 replicate, 1 shard optimizer state,
+    2 + gradients, 3 + parameters (the reference model and critic are sharded the same way).
+    null = 2 with several ranks (or offload), 0 on one rank (nothing to shard)."""
+    precision: str = "fp32"
+    """Trainer weights: fp32, or bf16 (bf16 weights, fp32 master copy in the optimizer)."""
+    offload: bool = False
+    """ZeRO-Offload: optimizer state and step on the CPU (GPU runs; stage >= 1)."""
+    lr_schedule: str = "constant"
+    """LR after warm-up: constant, linear (to 0), or cosine (to 0) over all optimizer steps."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear LR warm-up."""
+    bucket_mb: int = 64
+    """Communication bucket (MB) for gradient reduction and ZeRO-3 parameter gathers."""
 
 
 @dataclass
@@ -238,6 +253,25 @@ class LoggingConfig:
 
 
 @dataclass
+class SyncConfig:
+    method: str = "broadcast"
+    """Trainer -> rollout weight transfer: broadcast (a gloo/NCCL group, bucketed) or
+    object_store (one full copy through Ray's shared memory)."""
+    bucket_mb: float = 64
+    """Bucket size (MB, rollout dtype) of a broadcast push: one collective per bucket."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a resumable checkpoint every N steps (and on Ctrl-C); 0 = off."""
+    keep: int = 2
+    """Checkpoints kept (the newest K); older ones are deleted after a new one is complete."""
+    dir: str | None = None
+    """Checkpoint folder; null = `<run dir>/checkpoints`."""
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = None
     """Ray address of an existing cluster; null = `RAY_ADDRESS` or a local Ray."""
@@ -255,6 +289,10 @@ class RecipeConfig:
     """Seed for data, sampling and initialisation."""
     steps: int = 20
     """Training steps (one rollout batch and one policy update each)."""
+    resume: str = ""
+    """Empty = a fresh run; `auto` = continue from the latest checkpoint of this recipe's run
+    (`checkpoint.dir`, `logging.run_dir`, or the newest `runs/<recipe>-*`), fresh if none;
+    or a path: a `step-N` checkpoint, a checkpoints folder or a run folder (its latest)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -263,6 +301,8 @@ class RecipeConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -366,11 +406,12 @@ DTYPES = ("float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+def _choice(key: str, value: Any, options: tuple) -> None:
     if value not in options:
-        close = difflib.get_close_matches(value, options, n=1)
+        names = [str(o) for o in options]
+        close = difflib.get_close_matches(str(value), names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(options)}.{hint}")
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(names)}.{hint}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -436,6 +477,8 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("eval.num_prompts", cfg.eval.num_prompts)
     _positive("eval.k", cfg.eval.k)
     _positive("logging.samples_every", cfg.logging.samples_every, allow_zero=True)
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
     try:
         cfg.rollout.agent.validate()
         cfg.rollout.turns.validate()
@@ -465,8 +508,16 @@ def validate(cfg: RecipeConfig) -> None:
             f"trainer.mini_batches ({cfg.trainer.mini_batches}) cannot exceed "
             f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step})"
         )
-    if cfg.trainer.ranks != 1:
-        raise ConfigError("trainer.ranks: only 1 is supported until the sharded trainer lands")
+    _positive("trainer.ranks", cfg.trainer.ranks)
+    _positive("trainer.warmup_steps", cfg.trainer.warmup_steps, allow_zero=True)
+    _positive("trainer.bucket_mb", cfg.trainer.bucket_mb)
+    _positive("sync.bucket_mb", cfg.sync.bucket_mb)
+    _choice("sync.method", cfg.sync.method, ("broadcast", "object_store"))
+    _choice("trainer.zero_stage", cfg.trainer.zero_stage, (None, 0, 1, 2, 3))
+    _choice("trainer.precision", cfg.trainer.precision, ("fp32", "bf16"))
+    _choice("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
+    if cfg.trainer.offload and cfg.trainer.zero_stage == 0:
+        raise ConfigError("trainer.offload needs trainer.zero_stage >= 1")
     if cfg.model.path not in ZOO and not Path(cfg.model.path).is_dir():
         raise ConfigError(
             f"model.path: '{cfg.model.path}' is neither a zoo model ({', '.join(ZOO)}) "

@@ -1,7 +1,7 @@
 """The controller: builds the actors from a recipe and runs the training loop.
 
 ```
-   prompts ──► RolloutWorker ×R ──groups──► StreamingBuffer ──batch──► TrainerWorker
+   prompts ──► RolloutWorker ×R ──groups──► StreamingBuffer ──batch──► TrainerGroup (×N ranks)
                     ▲   (generate, reward)       (FIFO of groups)      (GRPO update, v+1)
                     └──────────────── weights, version v+1 (object store) ◄───┘
 ```
@@ -14,6 +14,13 @@ On-policy loop (`max_staleness` 0, the only mode until the async issue lands), p
 3. `train_step`: advantages, loss, optimizer step. Rollout is idle meanwhile.
 4. `push_weights`: every rollout worker loads version v+1 before the next step starts.
 
+Checkpoints (`trainer/checkpoint.py`): after every `checkpoint.every`-th step, the last step
+and on Ctrl-C, the trainer's and the driver's state (prompt position, group counter, buffer,
+W&B id) go to `<run dir>/checkpoints/step-N`; `resume=auto` rebuilds the actors from the
+latest one before the loop and continues with step N + 1. Rollout seeds derive from (recipe
+seed, step, round) and group ids from the saved counter, so a resumed run samples what the
+uninterrupted one would have.
+
 All compute actors use every core (`cluster.threads_per_actor`): on-policy, the roles take turns.
 """
 
@@ -24,14 +31,19 @@ import statistics
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlsys.config import ConfigError, RecipeConfig, to_dict, to_yaml
 
+if TYPE_CHECKING:
+    from rlsys.trainer.checkpoint import Resume
 
-def make_run_dir(cfg: RecipeConfig, recipe_path: str | None) -> Path:
+
+def make_run_dir(cfg: RecipeConfig, recipe_path: str | None, resumed: Resume | None = None) -> Path:
     if cfg.logging.run_dir:
         d = Path(cfg.logging.run_dir)
+    elif resumed is not None:  # continue the checkpoint's run folder
+        d = Path(resumed.state["run_dir"])
     else:
         stem = Path(recipe_path).stem if recipe_path else cfg.name
         d = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -55,7 +67,9 @@ def _init_ray(cfg: RecipeConfig) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ncpu = cfg.cluster.num_cpus or max(os.cpu_count() or 1, 2)
+        # Logical CPUs: one per actor at least (threads are set per actor, not by Ray).
+        need = cfg.rollout.workers + cfg.trainer.ranks
+        ncpu = cfg.cluster.num_cpus or max(os.cpu_count() or 1, need)
         ray.init(num_cpus=ncpu, **kwargs)
     return True
 
@@ -69,6 +83,7 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     from rlsys.data import PromptStream, load_splits
     from rlsys.logging import RunLogger
     from rlsys.reward.config import resolve_paths, validate_reward_config
+    from rlsys.trainer import checkpoint
 
     # Everything that can fail on user input fails here, before any actor starts.
     validate_reward_config(cfg.reward, cfg.data.task)
@@ -80,54 +95,82 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
         raise ConfigError("eval.every is set but there is no held-out split: set data.eval_path")
     eval_prompts = eval_prompts[: cfg.eval.num_prompts]
     stream = PromptStream(train_prompts, cfg.seed)
+    fp = checkpoint.fingerprint(cfg, model_path)
+    resumed = checkpoint.prepare_resume(cfg, recipe_path, fp)  # validated, or CheckpointError
 
-    run_dir = make_run_dir(cfg, recipe_path)
+    run_dir = make_run_dir(cfg, recipe_path, resumed)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    logger = RunLogger(run_dir, cfg.steps, to_dict(cfg), cfg.logging.wandb)
+    logger = RunLogger(
+        run_dir,
+        cfg.steps,
+        to_dict(cfg),
+        cfg.logging.wandb,
+        resume_step=resumed.step if resumed else None,
+        wandb_id=resumed.state.get("wandb_id") if resumed else None,
+    )
     logger.info(f"run dir: {run_dir}  model: {model_path}")
+    if cfg.resume == "auto" and resumed is None:
+        logger.info("resume=auto: no checkpoint found, starting a fresh run")
 
     started = _init_ray(cfg)
     try:
-        return _run(cfg, model_path, run_dir, logger, stream, eval_prompts)
+        return _run(cfg, model_path, run_dir, logger, stream, eval_prompts, fp, resumed)
     finally:
         if started:
             ray.shutdown()
 
 
-def _run(cfg: RecipeConfig, model_path: str, run_dir, logger, stream, eval_prompts) -> dict:
-    """The actor part of `train`: start rollout workers, trainer and buffer; run the steps."""
+def _run(
+    cfg: RecipeConfig,
+    model_path: str,
+    run_dir,
+    logger,
+    stream,
+    eval_prompts,
+    fp: dict | None = None,
+    resumed: Resume | None = None,
+) -> dict:
+    """The actor part of `train`: start rollout workers, trainer and buffer; restore them from
+    `resumed` (a `checkpoint.Resume`) if given; run the steps, checkpointing every
+    `checkpoint.every` and on Ctrl-C."""
     import ray
 
     from rlsys import models
     from rlsys.buffer.stream import StreamingBuffer
     from rlsys.rollout.worker import RolloutWorker
-    from rlsys.trainer.worker import TrainerWorker
-    from rlsys.weight_sync import push_weights
+    from rlsys.trainer.group import TrainerGroup
+    from rlsys.weight_sync import WeightSync
 
     cfg_d = to_dict(cfg)
     r = cfg.rollout
     rollout_cls = ray.remote(num_cpus=1)(RolloutWorker)
     workers = [rollout_cls.remote(cfg_d, model_path, i) for i in range(r.workers)]
     critic_path = models.resolve(cfg.algorithm.critic.path) if cfg.algorithm.critic.path else None
-    trainer = ray.remote(num_cpus=1)(TrainerWorker).remote(cfg_d, model_path, critic_path)
+    trainer = TrainerGroup(cfg_d, model_path, critic_path)
     buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
-    nbytes = ray.get(trainer.weight_bytes.remote(r.dtype))
     # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
     ray.get([w.get_version.remote() for w in workers])
+    sync = WeightSync(trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method)
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "rewards": []}
-    version, next_group = 0, 0
+    version, next_group, first = 0, 0, 1
+    done = saved = None  # the state after the last finished step; the last checkpoint's step
+    if resumed is not None:
+        done = _restore(resumed, trainer, buffer, stream, sync)
+        version, next_group, first = done["version"], done["next_group"], done["step"] + 1
+        saved = done["step"]
+        logger.info(f"resumed from {resumed.path}; next step {first}")
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(first, cfg.steps + 1):
             t0 = time.perf_counter()
             groups, outs, ds = _collect_groups(cfg, stream, workers, buffer, step, next_group)
             next_group += ds.pop("groups_started")
             t_gen = time.perf_counter() - t0
             t1 = time.perf_counter()
-            train_m = ray.get(trainer.train_step.remote(groups))
+            train_m = trainer.train_step(groups)
             t_train = time.perf_counter() - t1
             version += 1
-            sync_m = push_weights(trainer, workers, version, r.dtype, nbytes)
+            sync_m = sync.push(version)
             metrics = _step_metrics(groups, outs)
             metrics.update(ds)
             metrics.update(train_m)
@@ -154,14 +197,25 @@ def _run(cfg: RecipeConfig, model_path: str, run_dir, logger, stream, eval_promp
                     step, _sample_rows(groups, version, cfg.logging.samples_per_table)
                 )
             summary["rewards"].append(metrics["reward/mean"])
+            every = cfg.checkpoint.every
+            if every:
+                done = _step_state(step, version, next_group, stream, buffer)
+                if step % every == 0 or step == cfg.steps:
+                    _save_checkpoint(cfg, run_dir, fp, trainer, logger, done)
+                    saved = step
         final = run_dir / "final"
-        ray.get(trainer.save_pretrained.remote(str(final)))
+        trainer.save_pretrained(str(final))
         summary["checkpoint"] = str(final)
         logger.info(f"saved policy (Hugging Face format): {final}")
     except KeyboardInterrupt:
+        if cfg.checkpoint.every and done is not None and saved != done["step"]:
+            try:
+                _save_checkpoint(cfg, run_dir, fp, trainer, logger, done)
+            except ConfigError as e:  # Ctrl-C landed inside the trainer update
+                logger.info(f"[yellow]{e}")
         out = run_dir / "interrupted"
         logger.info(f"interrupted: saving the current policy to {out}")
-        ray.get(trainer.save_pretrained.remote(str(out)))
+        trainer.save_pretrained(str(out))
         summary["checkpoint"] = str(out)
         raise
     finally:
@@ -169,9 +223,61 @@ def _run(cfg: RecipeConfig, model_path: str, run_dir, logger, stream, eval_promp
         if plot:
             summary["plot"] = str(plot)
             logger.info(f"plot: {plot}")
-        for a in [*workers, trainer, buffer]:
+        trainer.kill()
+        for a in [*workers, buffer]:
             ray.kill(a)
     return summary
+
+
+def _step_state(step: int, version: int, next_group: int, stream, buffer) -> dict[str, Any]:
+    """What the driver must remember to resume after `step`."""
+    import ray
+
+    snapshot = ray.get(buffer.snapshot.remote())
+    return dict(
+        step=step,
+        version=version,
+        next_group=next_group,
+        stream_position=stream.position,
+        buffer=snapshot,
+    )
+
+
+def _save_checkpoint(cfg: RecipeConfig, run_dir, fp, trainer, logger, done: dict) -> None:
+    from rlsys.trainer import checkpoint
+
+    state = {
+        **{k: done[k] for k in ("step", "version", "next_group", "stream_position", "buffer")},
+        "run_dir": str(Path(run_dir).resolve()),
+        "wandb_id": logger.wandb_id,
+        "rng": checkpoint.rng_state(),
+    }
+    path = checkpoint.save_checkpoint(
+        checkpoint.root(cfg, run_dir),
+        done["step"],
+        lambda p: trainer.call("save_state", p),
+        state,
+        fingerprint=fp or {},
+        keep=cfg.checkpoint.keep,
+    )
+    logger.info(f"checkpoint: {path}")
+
+
+def _restore(resumed: Resume, trainer, buffer, stream, sync) -> dict:
+    """Bring fresh actors to a checkpoint: trainer (weights, optimizer, schedule, RNG), buffer,
+    prompt position, driver RNG; the rollout workers get the saved policy and version."""
+    import ray
+
+    from rlsys.trainer import checkpoint
+
+    st = resumed.state
+    checkpoint.load_trainer(lambda p: trainer.call("load_state", p), resumed.path)
+    ray.get(buffer.restore.remote(st["buffer"]))
+    stream.position = st["stream_position"]
+    checkpoint.set_rng_state(st["rng"])
+    if st["version"]:
+        sync.push(st["version"])
+    return st
 
 
 def _collect_groups(
