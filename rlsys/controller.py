@@ -26,6 +26,7 @@ All compute actors use every core (`cluster.threads_per_actor`): on-policy, the 
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -163,7 +164,12 @@ def _run(
     try:
         for step in range(first, cfg.steps + 1):
             t0 = time.perf_counter()
-            groups, outs, ds = _collect_groups(cfg, stream, workers, buffer, step, next_group)
+            if r.partial.enabled:
+                groups, outs, ds = _collect_partial(
+                    cfg, stream, workers, buffer, step, next_group, version
+                )
+            else:
+                groups, outs, ds = _collect_groups(cfg, stream, workers, buffer, step, next_group)
             next_group += ds.pop("groups_started")
             t_gen = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -329,6 +335,67 @@ def _collect_groups(
     return groups, outs, stats
 
 
+def _collect_partial(
+    cfg: RecipeConfig, stream, workers: list, buffer, step: int, next_group: int, version: int
+) -> tuple[list, list[dict], dict[str, Any]]:
+    """One partial-rollout round (APRIL): ceil(over_provision x B) groups in flight, recycled
+    ones first; each worker stops once its share of the B groups is complete and hands back
+    the unfinished rest, which the buffer keeps for the next step."""
+    import ray
+
+    r = cfg.rollout
+    want = r.prompts_per_step
+    # complete groups left over from the last round (they finished together with the batch)
+    # count toward this batch: start only what is still needed
+    need = max(want - ray.get(buffer.stats.remote())["buffer/depth"], 0)
+    total = math.ceil(r.partial.over_provision * need)
+    recycled = ray.get(buffer.take_recycled.remote(total))
+    prompts = stream.next(total - len(recycled))
+    gids = list(range(next_group, next_group + len(prompts)))
+    active = workers[: min(len(workers), need)]
+    n_w = len(active)
+    seed = cfg.seed * 1_000_003 + step * 101
+    outs = ray.get(
+        [
+            w.generate_round.remote(
+                prompts[i::n_w],
+                gids[i::n_w],
+                recycled[i::n_w],
+                need // n_w + (i < need % n_w),
+                seed + i,
+            )
+            for i, w in enumerate(active)
+        ]
+    )
+    for o in outs:
+        ray.get(buffer.put.remote(o["groups"]))
+        ray.get(buffer.recycle.remote(o["partial"]))
+    depth = ray.get(buffer.stats.remote())["buffer/depth"]
+    groups = ray.get(buffer.get_batch.remote(min(want, depth)))
+    if r.partial.stale == "mask":
+        _mask_stale(groups, version)
+    old = [v for g in groups for sm in g.samples for v in sm.versions if v >= 0]
+    stats = {
+        "groups_started": len(prompts),
+        "rollout/recycled_groups": len(recycled),
+        "rollout/aborted_samples": sum(o["stats"]["rollout/aborted_samples"] for o in outs),
+        "rollout/leftover_groups": want - need,
+        "rollout/stale_token_frac": sum(v < version for v in old) / max(len(old), 1),
+        "rollout/staleness_max": version - min(old, default=version),
+    }
+    return groups, outs, stats
+
+
+def _mask_stale(groups: list, version: int) -> None:
+    """No gradient through tokens an older policy generated (`rollout.partial.stale: mask`)."""
+    for g in groups:
+        for sm in g.samples:
+            sm.loss_mask = [
+                m if v < 0 or v >= version else 0
+                for m, v in zip(sm.loss_mask, sm.versions, strict=True)
+            ]
+
+
 def _sample_rows(groups: list, version: int, n: int) -> list[dict[str, Any]]:
     """Rows for the samples table: prompt, response, reward parts, length, staleness."""
     rows = []
@@ -357,7 +424,7 @@ def _step_metrics(groups: list, outs: list[dict]) -> dict[str, Any]:
     greedy = [float(s.reward) for g in groups for s in g.samples if not s.trainable]
     rewards = [float(s.reward) for s in samples]
     lengths = [len(s.response_ids) for s in samples]
-    gen_s = max(o["stats"]["rollout/gen_s"] for o in outs)
+    gen_s = max((o["stats"]["rollout/gen_s"] for o in outs), default=0.0)
     n_tok = sum(o["stats"]["rollout/tokens"] for o in outs)
     m: dict[str, Any] = {
         "reward/mean": statistics.fmean(rewards),

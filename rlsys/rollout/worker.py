@@ -123,6 +123,61 @@ class RolloutWorker:
             groups.append(SampleGroup(gid, samples, prompt.text))
         return self._score_groups(groups, inputs, gen_s)
 
+    def generate_round(
+        self,
+        prompts: list[Prompt],
+        group_ids: list[int],
+        recycled: list[SampleGroup],
+        want: int,
+        seed: int,
+    ) -> dict[str, Any]:
+        """A partial-rollout round (`rlsys/rollout/partial.py`): continue `recycled` groups
+        first, start `prompts`, stop once `want` groups are complete and abort the rest.
+        Returns `{"groups": scored complete groups, "partial": unfinished groups, "stats"}`."""
+        from rlsys.rollout.engine import SamplingParams
+        from rlsys.rollout.partial import run_round
+
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        new = []
+        for prompt, gid in zip(prompts, group_ids, strict=True):
+            samples = []
+            for j in range(r.n_samples_per_prompt):
+                sm = Sample(group_id=gid, index=j, prompt_ids=list(prompt.prompt_ids))
+                sm.meta = dict(prompt.meta)
+                sm.turns = 1
+                samples.append(sm)
+            new.append(SampleGroup(gid, samples, prompt.text))
+
+        def params(sm: Sample, budget: int) -> SamplingParams:
+            # a sample's seed depends on where it is, so a continuation is reproducible
+            key = (seed * 1_000_003 + sm.group_id) * 1_009 + sm.index * 97 + len(sm.response_ids)
+            return SamplingParams(
+                temperature=r.temperature, top_p=r.top_p, seed=key, max_new_tokens=budget
+            )
+
+        res = run_round(self.native, [*recycled, *new], want, r.max_new_tokens, params)
+        if res.errors:
+            raise RuntimeError(f"rollout engine failed requests: {res.errors[:3]}")
+        gen_s = time.perf_counter() - t0
+        inputs = []
+        for g in res.complete:
+            for sm in g.samples:
+                text = self.tokenizer.decode(sm.response_ids, skip_special_tokens=True)
+                sm.meta["response_text"] = text
+                inputs.append(RewardInput(g.prompt_text, text, sm.meta, sm))
+        out = self._score_groups(res.complete, inputs, gen_s)
+        out["partial"] = res.partial
+        out["stats"].update(
+            {
+                "rollout/round_tokens": res.tokens,
+                "rollout/round_tok_per_s": res.tokens / max(gen_s, 1e-9),
+                "rollout/aborted_samples": res.aborted_samples,
+                "rollout/recycled_groups": len(recycled),
+            }
+        )
+        return out
+
     def _generate_multi_turn(
         self, prompts: list[Prompt], group_ids: list[int], seed: int
     ) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Weight sync: seconds and GB/s to push the default model (bf16) to 1 and 2 rollout engines,
+against a plain memory copy of the same bytes in the same run (issue "Streaming buffer ...").
+
+Real actors: one `TrainerGroup` rank (SmolLM2-135M-Instruct, fp32 master weights) and 1 or 2
+`RolloutWorker`s; `WeightSync.push` as the controller calls it after every step:
+
+- broadcast: trainer rank 0 casts each 64 MB bucket to bf16, packs it into one flat buffer
+  and broadcasts it over a gloo group; each worker receives into a reused buffer and copies
+  the views into its engine in place (what `rlsys train` uses);
+- object_store: the full bf16 state dict through Ray's shared-memory object store (baseline).
+
+memcpy: `dst.copy_(src)` of one contiguous bf16 buffer of the same size, best of 5. GB/s of a
+push = model bytes x engines / seconds (each engine receives a full copy); fraction = push
+GB/s / memcpy GB/s. vLLM columns stay null until the vllm backend exists.
+
+    .venv/bin/python benchmarks/weight_sync.py   # writes benchmarks/results/weight_sync.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_results  # noqa: E402
+
+
+def memcpy_gb_s(nbytes: int, reps: int = 5) -> float:
+    import torch
+
+    src = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+def push_seconds(engines: int, method: str, engine: str, reps: int) -> tuple[float, int]:
+    import ray
+
+    from rlsys import models
+    from rlsys.config import load_recipe, to_dict
+    from rlsys.rollout.worker import RolloutWorker
+    from rlsys.trainer.group import TrainerGroup
+    from rlsys.weight_sync import WeightSync
+
+    cfg = to_dict(
+        load_recipe(
+            None,
+            [
+                "model.path=smollm2-135m-instruct",
+                "rollout.dtype=bfloat16",
+                f"rollout.engine={engine}",
+                "cluster.threads_per_actor=1",
+            ],
+        )
+    )
+    path = models.resolve("smollm2-135m-instruct")
+    trainer = TrainerGroup(cfg, path)
+    workers = [ray.remote(num_cpus=0)(RolloutWorker).remote(cfg, path, i) for i in range(engines)]
+    try:
+        ray.get([w.get_version.remote() for w in workers])
+        sync = WeightSync(trainer, workers, "bfloat16", 64, method)
+        sync.push(1)  # warm-up: buffers allocated, pages touched
+        times = []
+        for v in range(2, 2 + reps):
+            t0 = time.perf_counter()
+            sync.push(v)
+            times.append(time.perf_counter() - t0)
+        return min(times), sync.nbytes
+    finally:
+        trainer.kill()
+        for w in workers:
+            ray.kill(w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    import ray
+
+    env = {k: os.environ[k] for k in ("RLSYS_CACHE", "HF_HOME") if k in os.environ}
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    ray.init(
+        num_cpus=4, include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env}
+    )
+    rows = {}
+    nbytes = 0
+    for method in ("broadcast", "object_store"):
+        for engines in (1, 2):
+            sec, nbytes = push_seconds(engines, method, "native", args.reps)
+            rows[(method, engines)] = (sec, nbytes * engines / sec / 1e9)
+            print(
+                f"{method:12} native x{engines}: {sec:.3f} s, {rows[(method, engines)][1]:.2f} GB/s",
+                flush=True,
+            )
+    ray.shutdown()
+    mem = memcpy_gb_s(nbytes)
+    fig = {
+        "model_gb": round(nbytes / 1e9, 3),
+        "memcpy_gb_s": round(mem, 2),
+        "native_gb_s": round(rows[("broadcast", 1)][1], 2),
+        "native_fraction": round(rows[("broadcast", 1)][1] / mem, 3),
+        "native_2engines_gb_s": round(rows[("broadcast", 2)][1], 2),
+        "native_2engines_fraction": round(rows[("broadcast", 2)][1] / mem, 3),
+        "native_s": round(rows[("broadcast", 1)][0], 3),
+        "native_2engines_s": round(rows[("broadcast", 2)][0], 3),
+        "object_store_gb_s": round(rows[("object_store", 1)][1], 2),
+        "object_store_2engines_gb_s": round(rows[("object_store", 2)][1], 2),
+        "vllm_gb_s": None,
+        "vllm_fraction": None,
+    }
+    print(f"\nmodel {fig['model_gb']} GB bf16; memcpy {mem:.2f} GB/s")
+    print(f"{'transfer':24} {'s':>7} {'GB/s':>7} {'of memcpy':>10}")
+    for (method, engines), (sec, gbs) in rows.items():
+        print(f"{method + ' x' + str(engines):24} {sec:7.3f} {gbs:7.2f} {gbs / mem:10.1%}")
+    print(f"wrote {write_results('weight_sync', fig)}")
+
+
+if __name__ == "__main__":
+    main()
