@@ -1,4 +1,5 @@
-"""`rlsys` command line: `rlsys train RECIPE [key=value ...]`.
+"""`rlsys` command line: `rlsys train RECIPE [key=value ...]`, `rlsys eval ...`,
+`rlsys export CHECKPOINT OUT_DIR`.
 
 User mistakes (bad recipe, bad override, missing file) print one `error:` line and exit 2.
 """
@@ -41,6 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     e.add_argument("--checkpoint", required=True, help="Hugging Face folder (e.g. runs/x/final)")
     e.add_argument("--out", help="JSON output path (default: CHECKPOINT/eval.json)")
+    x = sub.add_parser(
+        "export",
+        help="write a training checkpoint's policy as a Hugging Face folder",
+        description="Validate a checkpoint and copy its policy (safetensors, config, "
+        "tokenizer) to OUT_DIR, which AutoModelForCausalLM.from_pretrained loads.",
+    )
+    x.add_argument(
+        "checkpoint",
+        help="a checkpoint (runs/x/checkpoints/step-N), or a run or checkpoints folder (latest)",
+    )
+    x.add_argument("out_dir", help="new or empty output folder")
     return p
 
 
@@ -57,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
+        if args.command == "export":
+            from rlsys.trainer.checkpoint import export
+
+            print(f"exported: {export(args.checkpoint, args.out_dir)}")
+            return 0
         cfg = load_recipe(args.recipe, args.overrides)
         if args.command == "eval":
             from rlsys.evaluate import evaluate_checkpoint

@@ -96,6 +96,12 @@ class RolloutConfig:
     """Multi-turn turn control: unlimited | fixed | dynamic, token budgets."""
     partial: PartialConfig = field(default_factory=PartialConfig)
     """Partial-rollout recycling (APRIL)."""
+    mode: str = "sync"
+    """sync: generate a batch, train, push weights, repeat (on-policy). async: rollout runs
+    up to `max_staleness` batches ahead of the trainer (`rlsys/rollout/scheduler.py`)."""
+    max_staleness: int = 1
+    """async: every sample is at most k policy versions older than the policy training on it
+    (k = 0 reproduces the sync loop exactly)."""
 
 
 @dataclass
@@ -526,6 +532,15 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("trainer.warmup_steps", cfg.trainer.warmup_steps, allow_zero=True)
     _positive("trainer.bucket_mb", cfg.trainer.bucket_mb)
     _positive("sync.bucket_mb", cfg.sync.bucket_mb)
+    _choice("rollout.mode", cfg.rollout.mode, ("sync", "async"))
+    _positive("rollout.max_staleness", cfg.rollout.max_staleness, allow_zero=True)
+    if cfg.rollout.mode == "async" and (
+        cfg.rollout.partial.enabled or cfg.algorithm.dynamic_sampling.enabled
+    ):
+        raise ConfigError(
+            "rollout.mode: async cannot be combined with rollout.partial or "
+            "algorithm.dynamic_sampling yet: use rollout.mode=sync or disable those"
+        )
     pr = cfg.rollout.partial
     _choice("rollout.partial.stale", pr.stale, ("keep", "mask"))
     if pr.over_provision < 1.0:

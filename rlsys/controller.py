@@ -161,10 +161,17 @@ def _run(
         version, next_group, first = done["version"], done["next_group"], done["step"] + 1
         saved = done["step"]
         logger.info(f"resumed from {resumed.path}; next step {first}")
+    sched, busy = None, 0.0
+    if r.mode == "async":
+        from rlsys.rollout.scheduler import AsyncScheduler
+
+        sched = AsyncScheduler(cfg, stream, workers, trainer, next_group)
     try:
         for step in range(first, cfg.steps + 1):
             t0 = time.perf_counter()
-            if r.partial.enabled:
+            if sched is not None:
+                groups, outs, ds = sched.next_batch(step, version)
+            elif r.partial.enabled:
                 groups, outs, ds = _collect_partial(
                     cfg, stream, workers, buffer, step, next_group, version
                 )
@@ -176,7 +183,7 @@ def _run(
             train_m = trainer.train_step(groups)
             t_train = time.perf_counter() - t1
             version += 1
-            sync_m = sync.push(version)
+            sync_m = sched.push(version) if sched is not None else sync.push(version)
             metrics = _step_metrics(groups, outs)
             metrics.update(ds)
             metrics.update(train_m)
@@ -185,6 +192,11 @@ def _run(
             metrics["perf/rollout_s"] = t_gen
             metrics["perf/train_s"] = t_train
             metrics["perf/step_s"] = time.perf_counter() - t0
+            if sched is not None:
+                busy += sum(
+                    o["stats"]["rollout/gen_s"] + o["stats"]["reward/score_s"] for o in outs
+                )
+                metrics.update(sched.idle(busy))
             if "reward/first_error" in metrics:
                 logger.info(f"[yellow]reward error (first seen): {metrics['reward/first_error']}")
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
@@ -209,6 +221,8 @@ def _run(
                 if step % every == 0 or step == cfg.steps:
                     _save_checkpoint(cfg, run_dir, fp, trainer, logger, done)
                     saved = step
+        if sched is not None:
+            sched.close()
         final = run_dir / "final"
         trainer.save_pretrained(str(final))
         summary["checkpoint"] = str(final)

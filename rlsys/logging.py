@@ -27,12 +27,28 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, total_steps: int, config: dict, wandb_cfg: Any) -> None:
+    """Console, `metrics.jsonl` and W&B for one run. A resumed run (`resume_step`: the step of
+    its checkpoint) drops the rows logged after that step, which the run will log again, and
+    appends to the same files; `wandb_id` reopens the same W&B run."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        config: dict,
+        wandb_cfg: Any,
+        resume_step: int | None = None,
+        wandb_id: str | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.total = total_steps
         self.console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.history: list[dict] = []
+        if resume_step is not None:
+            self.history = truncate_jsonl(run_dir / "metrics.jsonl", resume_step)
+            truncate_jsonl(run_dir / "samples.jsonl", resume_step)
+        self.first_step = resume_step or 0  # steps before this one ran in an earlier process
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.t_start = time.perf_counter()
         self.wandb = None
         if wandb_cfg.mode != "disabled":
@@ -45,7 +61,14 @@ class RunLogger:
                 mode=wandb_cfg.mode,
                 dir=str(run_dir),
                 config=config,
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
             )
+
+    @property
+    def wandb_id(self) -> str | None:
+        """The W&B run id (saved in checkpoints so that a resumed run continues it)."""
+        return self.wandb.id if self.wandb is not None else None
 
     def log(
         self, step: int, metrics: dict[str, Any], hists: dict[str, list[float]] | None = None
@@ -63,7 +86,8 @@ class RunLogger:
                 data[k] = wandb.Histogram(vs)
             self.wandb.log(data, step=step)
         elapsed = time.perf_counter() - self.t_start
-        eta = elapsed / step * (self.total - step) if step else float("nan")
+        done = step - self.first_step
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
         self.console.print(
             f"step {step:>4}/{self.total} | reward {row.get('reward/mean', float('nan')):.3f} "
             f"| loss {row.get('train/loss', float('nan')):+.4f} "
@@ -99,6 +123,25 @@ class RunLogger:
         if plot and self.history:
             return plot_history(self.history, self.run_dir / "plot.png")
         return None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the rows of a per-step JSONL file with `step <= last_step` (rewritten through a
+    temporary file and a rename); returns them. A missing file is an empty history."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut off by a killed process
+            continue
+        if isinstance(row, dict) and row.get("step", last_step + 1) <= last_step:
+            rows.append(row)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
 
 
 def _plain(v: Any) -> Any:

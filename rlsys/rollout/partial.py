@@ -7,8 +7,8 @@ comes back in a later round continued from its token ids (prompt + response so f
 re-tokenized text) with `max_new_tokens` reduced by what it already has. The long tail of a
 round therefore never holds the batch: its tokens are carried over, not waited for.
 
-    new group (all samples empty)  -> one request with n samples (the prompt is prefilled once)
-    unfinished sample of a group   -> one request, n = 1, response_ids = its tokens so far
+    new group, same parameters for all -> one request with n samples (prompt prefilled once)
+    any other unfinished sample        -> one request, n = 1, response_ids = its tokens so far
 
 A sample is finished when the engine reports `stop` or `length`; a group is complete when
 every sample is finished. ReMax's greedy sample is part of the group like any other.
@@ -67,12 +67,14 @@ def run_round(
         if not todo:
             continue
         if all(not s.response_ids for s in todo) and len(todo) == len(g.samples):
-            first = todo[0]
-            p = params(first, max_new_tokens)
-            rid = f"g{g.group_id}"
-            engine.add_request(GenerationRequest(rid, list(first.prompt_ids), p, n=len(todo)))
-            owner[rid] = (g, todo)
-            continue
+            ps = [params(s, max_new_tokens) for s in todo]
+            if all(p == ps[0] for p in ps):  # one request, the prompt prefilled once
+                rid = f"g{g.group_id}"
+                engine.add_request(
+                    GenerationRequest(rid, list(todo[0].prompt_ids), ps[0], n=len(todo))
+                )
+                owner[rid] = (g, todo)
+                continue
         for s in todo:
             budget = max_new_tokens - len(s.response_ids)
             if budget <= 0:

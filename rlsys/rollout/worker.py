@@ -150,8 +150,11 @@ class RolloutWorker:
             new.append(SampleGroup(gid, samples, prompt.text))
 
         def params(sm: Sample, budget: int) -> SamplingParams:
-            # a sample's seed depends on where it is, so a continuation is reproducible
-            key = (seed * 1_000_003 + sm.group_id) * 1_009 + sm.index * 97 + len(sm.response_ids)
+            # A new group's samples share one request seed (the engine derives one stream per
+            # sample from it); a continuation's seed depends on where the sample stands.
+            key = (seed * 1_000_003 + sm.group_id) * 1_009
+            if sm.response_ids:
+                key += 1 + sm.index * 97 + len(sm.response_ids)
             return SamplingParams(
                 temperature=r.temperature, top_p=r.top_p, seed=key, max_new_tokens=budget
             )
