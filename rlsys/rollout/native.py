@@ -172,6 +172,10 @@ class NativeEngine:
         self.model.load(named_tensors, require_all=not partial)
         self._version = version
 
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """The loaded weights by Hugging Face name (copies)."""
+        return {k: v.detach().clone() for k, v in self.model.params.items()}
+
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request; a bad one becomes an error result returned by the next step()."""
         try:

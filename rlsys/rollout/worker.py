@@ -44,17 +44,31 @@ class RolloutWorker:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
-        self.native = None
-        if self.cfg.rollout.engine == "native":
-            from rlsys.rollout.batch import EngineGenerator
+        self.native = None  # a RolloutEngine (native or vllm): abort/continue, weights
+        r = self.cfg.rollout
+        context = self.cfg.data.max_prompt_tokens + r.max_new_tokens
+        if r.agent.env is not None:  # a whole trajectory lives in one slot
+            context += r.turns.max_total_tokens
+        if r.engine == "native":
             from rlsys.rollout.native import NativeEngine
 
-            r = self.cfg.rollout
-            context = self.cfg.data.max_prompt_tokens + r.max_new_tokens
-            if r.agent.env is not None:  # a whole trajectory lives in one slot
-                context += r.turns.max_total_tokens
             ncfg = NativeEngine.Config(dtype=r.dtype, max_batch=r.max_batch, max_seq_len=context)
             self.native = NativeEngine.from_hf_model(self.model, self.tokenizer, ncfg)
+        elif r.engine == "vllm":
+            from rlsys.rollout.vllm import VLLMEngine
+
+            vcfg = VLLMEngine.Config(
+                dtype=r.dtype,
+                max_batch=r.max_batch,
+                max_seq_len=context,
+                kv_cache_gib=r.vllm_kv_cache_gib,
+                seed=self.cfg.seed + worker_id,
+            )
+            eos_known = [e for e in eos_ids if e is not None]
+            self.native = VLLMEngine(model_path, config=vcfg, eos_token_ids=eos_known)
+        if self.native is not None:
+            from rlsys.rollout.batch import EngineGenerator
+
             self.engine = EngineGenerator(self.native)
             del self.model  # the engine holds its own copy of the weights
         else:
@@ -308,7 +322,7 @@ class RolloutWorker:
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The engine's current weights by Hugging Face name (copies)."""
         if self.native is not None:
-            return {k: v.detach().clone() for k, v in self.native.model.params.items()}
+            return self.native.named_weights()
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def sync_join(self, addr: str, port: int, rank: int, world: int) -> None:
