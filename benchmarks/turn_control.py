@@ -3,7 +3,8 @@ vs dynamic, side by side ("More with Less", REFERENCES.md).
 
 Workload: `recipes/tool_arithmetic.yaml` (SmolLM2-135M-Instruct, sandboxed Python tool, reward
 1 for the right final answer), the same `--prompts` training problems x `--samples` samples
-for every policy, sampled at the recipe's temperature with the same seeds, through the real
+for every policy, sampled at `--temperature` (0.6: at 1.0 the untrained 135M model almost never
+solves one) with the same seeds, through the real
 rollout path (`RolloutWorker` in this process: native engine, agent loop, sandbox, reward).
 No training: the figures describe the rollout cost of each policy on one fixed policy.
 
@@ -12,6 +13,7 @@ Policies (every trajectory also stops at `turns.max_total_tokens` response token
 - unlimited: no turn limit (`rollout.turns.policy=unlimited`).
 - fixed: the 75th percentile of the turns unlimited trajectories used, rounded up, with a
   reminder before the last turn (the paper's setting).
+- fixed_no_reminder: the same limit without the reminder (isolates the reminder's effect).
 - dynamic: a base budget one turn below fixed (at least 1); the reminder tells the model it may
   write `<more_turns/>` for one more turn, granted up to the unlimited run's maximum.
 
@@ -56,6 +58,7 @@ def run_policy(overrides: list[str], prompts, seed: int) -> dict:
         "model_tokens": [sum(s.loss_mask) for s in samples],
         "solved": [s.reward >= cfg.eval.solve_threshold for s in samples],
         "seconds": dt,
+        "texts": [s.meta.get("response_text", "") for s in samples],
         "extensions": st.get("rollout/agent/extensions_granted", 0.0),
         "reminders": st.get("rollout/agent/reminders", 0.0),
         "tool_calls": st.get("rollout/agent/tool_calls", 0.0),
@@ -88,9 +91,10 @@ def summarize(name: str, r: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--max-total-tokens", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="4 x 2 trajectories, writes nothing")
     args = ap.parse_args()
@@ -108,6 +112,7 @@ def main() -> None:
         f"rollout.max_batch={args.prompts * args.samples}",
         f"rollout.turns.max_total_tokens={args.max_total_tokens}",
         "data.num_eval=8",
+        f"rollout.temperature={args.temperature}",
     ]
     cfg = load_recipe(ROOT / "recipes" / "tool_arithmetic.yaml", base)
     tok = AutoTokenizer.from_pretrained(models.resolve(cfg.model.path))
@@ -118,6 +123,16 @@ def main() -> None:
     fixed_n = percentile(unlimited["turns"], 0.75)
     fixed = run_policy(
         [*base, "rollout.turns.policy=fixed", f"rollout.turns.max_turns={fixed_n}"],
+        prompts,
+        args.seed,
+    )
+    fixed_quiet = run_policy(
+        [
+            *base,
+            "rollout.turns.policy=fixed",
+            f"rollout.turns.max_turns={fixed_n}",
+            "rollout.turns.reminder_turns=0",
+        ],
         prompts,
         args.seed,
     )
@@ -141,20 +156,22 @@ def main() -> None:
         "dynamic_hard_cap": cap,
         "max_total_tokens": args.max_total_tokens,
     }
-    for name, r in (("unlimited", unlimited), ("fixed", fixed), ("dynamic", dynamic)):
+    runs = {"unlimited": unlimited, "fixed": fixed, "fixed_no_reminder": fixed_quiet}
+    runs["dynamic"] = dynamic
+    for name, r in runs.items():
         res.update(summarize(name, r))
     u = res["unlimited_tokens_per_solve"]
-    for name in ("fixed", "dynamic"):
+    for name in ("fixed", "fixed_no_reminder", "dynamic"):
         t = res[f"{name}_tokens_per_solve"]
         res[f"{name}_cost_cut_vs_unlimited"] = round(1 - t / u, 4) if t and u else None
     f, d = res["fixed_tokens_per_solve"], res["dynamic_tokens_per_solve"]
     res["dynamic_cost_cut_vs_fixed"] = round(1 - d / f, 4) if f and d else None
 
     print(f"\n{res['trajectories']} trajectories per policy (tool_arithmetic, SmolLM2-135M)")
-    print(f"{'policy':<11}{'solve':>8}{'tok/solve':>11}{'gen tok/solve':>15}{'turns':>7}")
-    for name in ("unlimited", "fixed", "dynamic"):
+    print(f"{'policy':<19}{'solve':>8}{'tok/solve':>11}{'gen tok/solve':>15}{'turns':>7}")
+    for name in runs:
         print(
-            f"{name:<11}{res[f'{name}_solve_rate']:>8.3f}"
+            f"{name:<19}{res[f'{name}_solve_rate']:>8.3f}"
             f"{_fmt(res[f'{name}_tokens_per_solve']):>11}"
             f"{_fmt(res[f'{name}_model_tokens_per_solve']):>15}"
             f"{res[f'{name}_turns_mean']:>7.2f}"

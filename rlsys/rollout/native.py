@@ -32,12 +32,13 @@ import operator
 import os
 import random
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from rlsys.rollout.engine import (
+    BatchGenerateMixin,
     Completion,
     GenerationRequest,
     GenerationResult,
@@ -78,7 +79,7 @@ class _Req:
         return all(s.finish_reason is not None for s in self.seqs)
 
 
-class NativeEngine:
+class NativeEngine(BatchGenerateMixin):
     """Continuous-batching Llama engine (see the module docstring). Not thread-safe."""
 
     @dataclass(kw_only=True)
@@ -197,34 +198,6 @@ class NativeEngine:
         if self._waiting and len(self._rows) < self.config.max_batch:
             self._guarded(self._admit, None, out)
         return out
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Submit all, run until each finished, return results in request order. Results of
-        requests submitted earlier through add_request are kept for the next step()."""
-        results: list[GenerationResult | None] = [None] * len(requests)
-        where: dict[str, int] = {}
-        for i, r in enumerate(requests):
-            rid = getattr(r, "request_id", None)
-            if not isinstance(rid, str):  # rejected by add_request: take its error now
-                self.add_request(r)
-                results[i] = self._outbox.pop()
-                continue
-            if rid in where or rid in self._active:
-                results[i] = error_result(rid, f"duplicate request_id {rid!r}", self.version)
-                continue
-            where[rid] = i
-            self.add_request(r)
-        others: list[GenerationResult] = []
-        pending = set(where)
-        while pending:
-            for res in self.step():
-                if res.request_id in pending:
-                    results[where[res.request_id]] = res
-                    pending.discard(res.request_id)
-                else:
-                    others.append(res)
-        self._outbox = others + self._outbox
-        return results  # type: ignore[return-value]
 
     def abort(self, request_ids: Iterable[str]) -> list[GenerationResult]:
         """Stop these requests now; return their partial output. Samples that had finished

@@ -35,13 +35,14 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rlsys.rollout.engine import (
+    BatchGenerateMixin,
     Completion,
     GenerationRequest,
     GenerationResult,
@@ -85,7 +86,7 @@ class _Track:
     finished: int = 0
 
 
-class VLLMEngine:
+class VLLMEngine(BatchGenerateMixin):
     """`RolloutEngine` over `vllm.v1.engine.llm_engine.LLMEngine` (module docstring)."""
 
     @dataclass(kw_only=True)
@@ -206,33 +207,6 @@ class VLLMEngine:
                 del self._active[o.request_id]
                 out.append(self._result(track))
         return out
-
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Submit all, run until each finished, return results in request order."""
-        results: list[GenerationResult | None] = [None] * len(requests)
-        where: dict[str, int] = {}
-        for i, r in enumerate(requests):
-            rid = getattr(r, "request_id", None)
-            if not isinstance(rid, str):
-                self.add_request(r)
-                results[i] = self._outbox.pop()
-                continue
-            if rid in where or rid in self._active:
-                results[i] = error_result(rid, f"duplicate request_id {rid!r}", self.version)
-                continue
-            where[rid] = i
-            self.add_request(r)
-        others: list[GenerationResult] = []
-        pending = set(where)
-        while pending:
-            for res in self.step():
-                if res.request_id in pending:
-                    results[where[res.request_id]] = res
-                    pending.discard(res.request_id)
-                else:
-                    others.append(res)
-        self._outbox = others + self._outbox
-        return results  # type: ignore[return-value]
 
     def abort(self, request_ids: Iterable[str]) -> list[GenerationResult]:
         """Stop these requests; return what each sample had delivered (finish `abort` for

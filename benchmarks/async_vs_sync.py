@@ -1,0 +1,116 @@
+"""On-policy (sync) vs async training with bounded staleness: steps per hour, role idle time,
+reward per step (issue "Streaming buffer, async training ...").
+
+The quickstart recipe (GRPO, SmolLM2-135M-Instruct, single-digit addition, 8 prompts x 8
+samples per step), `--steps` steps per mode, one process run, real Ray actors:
+
+- sync: generate a batch, train on it, push the weights, repeat; each phase may use both cores
+  (`cluster.threads_per_actor=2`; the other role is idle meanwhile);
+- async k: `rollout.mode=async rollout.max_staleness=k` for k = 1, 2; rollout and trainer run
+  at once, so each gets one of the two cores (`cluster.threads_per_actor=1`).
+
+steps/hour = 3600 / mean step seconds over steps 2..N (step 1 includes actor warm-up). Idle
+fractions: sync, rollout idle = train + sync seconds / step seconds and trainer idle = rollout
+seconds / step seconds (means over steps 2..N); async, the scheduler's own accounting at the
+last step (`perf/rollout_idle_frac`: worker time without a round to run; `perf/trainer_idle_frac`:
+time the trainer waited for a batch). Reward per step: least-squares slope of the step mean
+reward over all N steps.
+
+    .venv/bin/python benchmarks/async_vs_sync.py    # writes benchmarks/results/async_vs_sync.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import write_results  # noqa: E402
+
+
+def run(mode: str, k: int, steps: int, tmp: Path) -> list[dict]:
+    from rlsys.config import load_recipe
+    from rlsys.controller import train
+
+    extra = ["cluster.threads_per_actor=2"]
+    if mode == "async":
+        extra = ["rollout.mode=async", f"rollout.max_staleness={k}", "cluster.threads_per_actor=1"]
+    name = f"{mode}{k}"
+    cfg = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            f"steps={steps}",
+            "logging.wandb.mode=disabled",
+            f"logging.run_dir={tmp}/{name}",
+            *extra,
+        ],
+    )
+    train(cfg)
+    lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines]
+
+
+def slope(ys: list[float]) -> float:
+    n = len(ys)
+    xm, ym = (n - 1) / 2, sum(ys) / n
+    num = sum((i - xm) * (y - ym) for i, y in enumerate(ys))
+    return num / sum((i - xm) ** 2 for i in range(n))
+
+
+def summarize(rows: list[dict], is_async: bool) -> dict:
+    later = rows[1:]
+    step_s = sum(r["perf/step_s"] for r in later) / len(later)
+    if is_async:
+        rollout_idle = rows[-1]["perf/rollout_idle_frac"]
+        trainer_idle = rows[-1]["perf/trainer_idle_frac"]
+    else:
+        rollout_idle = sum(1 - r["perf/rollout_s"] / r["perf/step_s"] for r in later) / len(later)
+        trainer_idle = sum(r["perf/rollout_s"] / r["perf/step_s"] for r in later) / len(later)
+    rewards = [r["reward/mean"] for r in rows]
+    return {
+        "steps_per_hour": round(3600 / step_s, 1),
+        "step_s": round(step_s, 2),
+        "rollout_idle": round(rollout_idle, 3),
+        "trainer_idle": round(trainer_idle, 3),
+        "reward_slope": round(slope(rewards), 4),
+        "reward_first3": round(sum(rewards[:3]) / 3, 3),
+        "reward_last3": round(sum(rewards[-3:]) / 3, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=12)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="rlsys-async-bench-"))
+    res: dict = {"steps": args.steps}
+    for mode, k in (("sync", 0), ("async", 1), ("async", 2)):
+        name = "sync" if mode == "sync" else f"async{k}"
+        s = summarize(run(mode, k, args.steps, tmp), mode == "async")
+        res.update({f"{name}_{key}": v for key, v in s.items()})
+        print(name, s, flush=True)
+    sync = res["sync_steps_per_hour"]
+    res["speedup_k1"] = round(res["async1_steps_per_hour"] / sync, 3)
+    res["speedup_k2"] = round(res["async2_steps_per_hour"] / sync, 3)
+    res["rollout_idle_k1"] = res["async1_rollout_idle"]
+    res["trainer_idle_k1"] = res["async1_trainer_idle"]
+    print(
+        f"\n{'mode':<8}{'steps/h':>9}{'step s':>8}{'roll idle':>10}{'train idle':>11}{'rew/step':>9}"
+    )
+    for name in ("sync", "async1", "async2"):
+        print(
+            f"{name:<8}{res[f'{name}_steps_per_hour']:>9}{res[f'{name}_step_s']:>8}"
+            f"{res[f'{name}_rollout_idle']:>10}{res[f'{name}_trainer_idle']:>11}"
+            f"{res[f'{name}_reward_slope']:>9}"
+        )
+    print(f"speedup k=1 {res['speedup_k1']}x, k=2 {res['speedup_k2']}x")
+    print(f"wrote {write_results('async_vs_sync', res)}")
+
+
+if __name__ == "__main__":
+    main()
