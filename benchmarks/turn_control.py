@@ -12,10 +12,13 @@ Policies (every trajectory also stops at `turns.max_total_tokens` response token
 
 - unlimited: no turn limit (`rollout.turns.policy=unlimited`).
 - fixed: the 75th percentile of the turns unlimited trajectories used, rounded up, with a
-  reminder before the last turn (the paper's setting).
-- fixed_no_reminder: the same limit without the reminder (isolates the reminder's effect).
-- dynamic: a base budget one turn below fixed (at least 1); the reminder tells the model it may
-  write `<more_turns/>` for one more turn, granted up to the unlimited run's maximum.
+  reminder of the turns left before the last turn, appended to the tool output
+  (`reminder_placement=append`).
+- fixed_message: the same, the reminder as its own user message (the paper's form). The 135M
+  model reads a second user message as a new task and stops answering (RESULTS.md).
+- fixed_no_reminder: the same limit without any reminder.
+- dynamic: the same base budget; the appended reminder tells the model it may write
+  `<more_turns/>` for one more turn, granted up to the unlimited run's maximum turns.
 
 Figures: `<policy>_tokens_per_solve` = all response tokens (model + tool output) of all
 trajectories / solved trajectories; `<policy>_model_tokens_per_solve` counts generated tokens
@@ -121,22 +124,12 @@ def main() -> None:
 
     unlimited = run_policy([*base, "rollout.turns.policy=unlimited"], prompts, args.seed)
     fixed_n = percentile(unlimited["turns"], 0.75)
-    fixed = run_policy(
-        [*base, "rollout.turns.policy=fixed", f"rollout.turns.max_turns={fixed_n}"],
-        prompts,
-        args.seed,
-    )
-    fixed_quiet = run_policy(
-        [
-            *base,
-            "rollout.turns.policy=fixed",
-            f"rollout.turns.max_turns={fixed_n}",
-            "rollout.turns.reminder_turns=0",
-        ],
-        prompts,
-        args.seed,
-    )
-    base_n = max(1, fixed_n - 1)
+    fixed_args = [*base, "rollout.turns.policy=fixed", f"rollout.turns.max_turns={fixed_n}"]
+    append = "rollout.turns.reminder_placement=append"
+    fixed = run_policy([*fixed_args, append], prompts, args.seed)
+    fixed_message = run_policy(fixed_args, prompts, args.seed)
+    fixed_quiet = run_policy([*fixed_args, "rollout.turns.reminder_turns=0"], prompts, args.seed)
+    base_n = fixed_n
     cap = max(max(unlimited["turns"]), base_n)
     dynamic = run_policy(
         [
@@ -145,6 +138,7 @@ def main() -> None:
             f"rollout.turns.max_turns={base_n}",
             "rollout.turns.extension_turns=1",
             f"rollout.turns.hard_cap={cap}",
+            append,
         ],
         prompts,
         args.seed,
@@ -156,12 +150,12 @@ def main() -> None:
         "dynamic_hard_cap": cap,
         "max_total_tokens": args.max_total_tokens,
     }
-    runs = {"unlimited": unlimited, "fixed": fixed, "fixed_no_reminder": fixed_quiet}
-    runs["dynamic"] = dynamic
+    runs = {"unlimited": unlimited, "fixed": fixed, "fixed_message": fixed_message}
+    runs.update({"fixed_no_reminder": fixed_quiet, "dynamic": dynamic})
     for name, r in runs.items():
         res.update(summarize(name, r))
     u = res["unlimited_tokens_per_solve"]
-    for name in ("fixed", "fixed_no_reminder", "dynamic"):
+    for name in ("fixed", "fixed_message", "fixed_no_reminder", "dynamic"):
         t = res[f"{name}_tokens_per_solve"]
         res[f"{name}_cost_cut_vs_unlimited"] = round(1 - t / u, 4) if t and u else None
     f, d = res["fixed_tokens_per_solve"], res["dynamic_tokens_per_solve"]

@@ -448,7 +448,10 @@ class AgentLoop:
         new = self._observation_messages(t, res.observation)
         notice = self.control.message(t.turns, t.extension)
         if notice is not None:
-            new.append({"role": self.cfg.reminder_role, "content": notice})
+            if self.cfg.reminder_placement == "append" and new:
+                new[-1] = {**new[-1], "content": f"{new[-1]['content']}\n\n{notice}"}
+            else:
+                new.append({"role": self.cfg.reminder_role, "content": notice})
         ids = self.codec.env_ids(t.messages, new, t.ended_on_eot)
         if len(t.sample.response_ids) + len(ids) >= self.cfg.max_total_tokens:
             self._finish(t, "max_tokens")  # no room for the observation and another turn

@@ -76,9 +76,19 @@ class TurnsConfig:
     """Observation content longer than this (in tokens) is truncated with a marker."""
     reminder_role: str = "user"
     """Chat role of the reminder / extension message."""
+    reminder_placement: str = "message"
+    """message: the reminder is its own chat message after the observation; append: it is
+    appended to the observation's text (one message; small models are derailed by a second
+    user message, see benchmarks/RESULTS.md "Turn control"). With no observation it is a
+    message either way."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        if self.reminder_placement not in ("message", "append"):
+            raise ValueError(
+                f"turns.reminder_placement: '{self.reminder_placement}' is not one of "
+                "message, append"
+            )
         if self.policy not in POLICIES:
             raise ValueError(f"turns.policy: '{self.policy}' is not one of {', '.join(POLICIES)}")
         for key in ("max_turns", "max_total_tokens", "max_observation_tokens", "hard_cap"):

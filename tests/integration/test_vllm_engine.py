@@ -55,7 +55,7 @@ def engine(smollm_path, tok):
 
     eng = VLLMEngine(
         smollm_path,
-        config=VLLMEngine.Config(max_batch=8, max_seq_len=256),
+        config=VLLMEngine.Config(max_batch=24, max_seq_len=256),
         eos_token_ids=[tok.eos_token_id],
     )
     yield eng
@@ -227,3 +227,24 @@ def test_bad_requests_get_errors_and_the_others_are_served(engine, prompts, gree
     assert "context window" in errors[0] and "temperature" in errors[1]
     assert "top_p" in errors[2] and "token ids" in errors[3] and "empty" in errors[4]
     assert all(r.finish_reason == "error" for r in (res[0], *res[2:]))
+
+
+def test_many_seeded_long_prompts_in_one_step(engine, tok) -> None:
+    """More prompt tokens than one step's budget (24 x ~240 > 4096): vLLM 0.32 on CPU crashes
+    when it prefills a seeded request in chunks, so the engine prefills whole prompts."""
+    text = " ".join(f"item {i} is blue;" for i in range(60))
+    base = tok(text, add_special_tokens=False)["input_ids"][:230]
+    reqs = [
+        GenerationRequest(
+            f"long{i}", [*base, 100 + i], SamplingParams(temperature=1.0, seed=i, max_new_tokens=3)
+        )
+        for i in range(24)
+    ]
+    first = engine.generate(reqs)
+    assert [r.error for r in first] == [None] * 24
+    again = engine.generate(
+        [GenerationRequest(f"again{r.request_id}", r.prompt_ids, r.params) for r in reqs]
+    )
+    assert [r.completions[0].token_ids for r in first] == [
+        r.completions[0].token_ids for r in again
+    ]

@@ -261,6 +261,19 @@ def test_fixed_policy_stops_at_limit_with_reminders(tiny_tokenizer, k):
     assert_matches_fresh_tokenization(loop, traj)
 
 
+def test_appended_reminder_rides_on_the_observation(tiny_tokenizer):
+    cfg = TurnsConfig(policy="fixed", max_turns=3, reminder_turns=2, reminder_placement="append")
+    loop, gen, traj = run_one(tiny_tokenizer, ForeverEnv, ["a"] * 10, cfg)
+    assert traj.termination == "max_turns" and traj.turns.turns == 3 and traj.turns.reminders == 2
+    users = [m["content"] for m in traj.messages[1:] if m["role"] == "user"]
+    # one user message per observation, each carrying its reminder: no extra messages
+    assert users == [
+        "keep going\n\nYou have 2 turn(s) left.",
+        "keep going\n\nYou have 1 turn(s) left.",
+    ]
+    assert_matches_fresh_tokenization(loop, traj)
+
+
 def test_unlimited_policy_stops_on_token_budget(tiny_tokenizer):
     cfg = TurnsConfig(policy="unlimited", max_total_tokens=120)
     loop, gen, traj = run_one(tiny_tokenizer, ForeverEnv, ["some words"] * 100, cfg)
@@ -320,6 +333,7 @@ def test_turn_controller_state_machine():
         {"policy": "dynamic", "max_turns": 5, "hard_cap": 4},
         {"max_turn_tokens": 0},
         {"extension_turns": 0},
+        {"reminder_placement": "sideways"},
     ],
 )
 def test_turns_config_rejects_bad_values(kw):
