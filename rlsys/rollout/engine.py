@@ -29,6 +29,7 @@ That is what the trainer recomputes, so the importance ratio starts at exactly 1
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -139,6 +140,58 @@ class GenerationResult:
             if any(c.finish_reason == reason for c in self.completions):
                 return reason  # type: ignore[return-value]
         return "stop"
+
+
+@dataclass
+class CheckedRequest:
+    """What `check_request` derives from a valid request."""
+
+    context: list[int]  # prompt_ids + response_ids: what the engine prefills
+    max_new: int  # max_new_tokens capped by the room left in the context window
+    stop_ids: frozenset[int]  # stop_token_ids, plus the engine's EOS ids unless ignore_eos
+
+
+def check_request(
+    r: GenerationRequest,
+    *,
+    active: Mapping[str, object],
+    max_batch: int,
+    vocab: int,
+    context_len: int,
+    eos_token_ids: frozenset[int],
+) -> CheckedRequest:
+    """The checks every engine runs on a request; ValueError naming the first problem."""
+    if not isinstance(r, GenerationRequest):
+        raise ValueError(f"expected a GenerationRequest, got {type(r).__name__}")
+    if not isinstance(r.request_id, str) or not r.request_id:
+        raise ValueError(f"request_id must be a non-empty str, got {r.request_id!r}")
+    if r.request_id in active:
+        raise ValueError(f"duplicate request_id {r.request_id!r} (still running)")
+    if not isinstance(r.n, int) or not 1 <= r.n <= max_batch:
+        raise ValueError(f"n must be an int in [1, max_batch={max_batch}]")
+    if r.response_ids and r.n != 1:
+        raise ValueError("continuing from response_ids needs n == 1 (one sample's tokens)")
+    if not isinstance(r.params, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(r.params).__name__}")
+    r.params.validate()
+    try:  # operator.index: ints, numpy ints and 0-d int tensors pass; floats do not
+        context = [operator.index(t) for t in [*r.prompt_ids, *r.response_ids]]
+    except TypeError as e:
+        raise ValueError(f"token ids must be integers ({e})") from None
+    if len(r.prompt_ids) == 0:
+        raise ValueError("empty prompt")
+    if any(not 0 <= t < vocab for t in context):
+        raise ValueError(f"token ids must be in [0, {vocab})")
+    room = context_len - len(context)
+    if room < 1:
+        raise ValueError(
+            f"prompt of {len(context)} tokens does not fit the context window "
+            f"({context_len} tokens, prompt + response)"
+        )
+    stops = set(r.params.stop_token_ids)
+    if not r.params.ignore_eos:
+        stops |= eos_token_ids
+    return CheckedRequest(context, min(r.params.max_new_tokens, room), frozenset(stops))
 
 
 def error_result(request_id: str, message: str, version: int) -> GenerationResult:

@@ -28,7 +28,6 @@ vLLM/AReaL); each token records the version that sampled it.
 
 from __future__ import annotations
 
-import operator
 import os
 import random
 from collections import deque
@@ -42,7 +41,7 @@ from rlsys.rollout.engine import (
     Completion,
     GenerationRequest,
     GenerationResult,
-    SamplingParams,
+    check_request,
     error_result,
 )
 from rlsys.rollout.llama import LlamaModel, LlamaSpec, plan_prefill
@@ -220,46 +219,23 @@ class NativeEngine(BatchGenerateMixin):
     # ---- internals -----------------------------------------------------------------------
 
     def _validate(self, r: GenerationRequest) -> _Req:
-        if not isinstance(r, GenerationRequest):
-            raise ValueError(f"expected a GenerationRequest, got {type(r).__name__}")
-        if not isinstance(r.request_id, str) or not r.request_id:
-            raise ValueError(f"request_id must be a non-empty str, got {r.request_id!r}")
-        if r.request_id in self._active:
-            raise ValueError(f"duplicate request_id {r.request_id!r} (still running)")
-        if not isinstance(r.n, int) or not 1 <= r.n <= self.config.max_batch:
-            raise ValueError(f"n must be an int in [1, max_batch={self.config.max_batch}]")
-        if r.response_ids and r.n != 1:
-            raise ValueError("continuing from response_ids needs n == 1 (one sample's tokens)")
-        if not isinstance(r.params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(r.params).__name__}")
-        r.params.validate()
+        c = check_request(
+            r,
+            active=self._active,
+            max_batch=self.config.max_batch,
+            vocab=self.spec.vocab,
+            context_len=self.context_len,
+            eos_token_ids=self.eos_token_ids,
+        )
         if r.params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need an engine built with a tokenizer")
-        try:  # operator.index: ints, numpy ints and 0-d int tensors pass; floats do not
-            context = [operator.index(t) for t in [*r.prompt_ids, *r.response_ids]]
-        except TypeError as e:
-            raise ValueError(f"token ids must be integers ({e})") from None
-        if len(r.prompt_ids) == 0:
-            raise ValueError("empty prompt")
-        vocab = self.spec.vocab
-        if any(not 0 <= t < vocab for t in context):
-            raise ValueError(f"token ids must be in [0, {vocab})")
-        room = self.context_len - len(context)
-        if room < 1:
-            raise ValueError(
-                f"prompt of {len(context)} tokens does not fit the context window "
-                f"({self.context_len} tokens, prompt + response)"
-            )
-        stops = set(r.params.stop_token_ids)
-        if not r.params.ignore_eos:
-            stops |= self.eos_token_ids
-        req = _Req(r, context, min(r.params.max_new_tokens, room), frozenset(stops))
+        req = _Req(r, c.context, c.max_new, c.stop_ids)
         for j in range(r.n):
             gen = None
             if not r.params.is_greedy:
                 seed = r.params.seed if r.params.seed is not None else self._rng.getrandbits(63)
                 gen = torch.Generator().manual_seed((seed + j * _SEED_MIX) % 2**64)
-            req.seqs.append(_Seq(req, j, gen, cache_len=len(context)))
+            req.seqs.append(_Seq(req, j, gen, cache_len=len(c.context)))
         return req
 
     def _guarded(self, fn, rows: list[_Seq] | None, out: list[GenerationResult]) -> None:

@@ -47,6 +47,7 @@ from rlsys.rollout.engine import (
     GenerationRequest,
     GenerationResult,
     SamplingParams,
+    check_request,
     error_result,
 )
 
@@ -80,7 +81,6 @@ class _Track:
     """What has been delivered for one of our requests."""
 
     request: GenerationRequest
-    context_len: int
     stop_ids: frozenset[int]
     comps: list[Completion] = field(default_factory=list)
     finished: int = 0
@@ -283,45 +283,23 @@ class VLLMEngine(BatchGenerateMixin):
         from vllm import SamplingParams as VParams
         from vllm.sampling_params import RequestOutputKind
 
-        if not isinstance(r, GenerationRequest):
-            raise ValueError(f"expected a GenerationRequest, got {type(r).__name__}")
-        if not isinstance(r.request_id, str) or not r.request_id:
-            raise ValueError(f"request_id must be a non-empty str, got {r.request_id!r}")
-        if r.request_id in self._active:
-            raise ValueError(f"duplicate request_id {r.request_id!r} (still running)")
-        if not isinstance(r.n, int) or not 1 <= r.n <= self.config.max_batch:
-            raise ValueError(f"n must be an int in [1, max_batch={self.config.max_batch}]")
-        if r.response_ids and r.n != 1:
-            raise ValueError("continuing from response_ids needs n == 1 (one sample's tokens)")
-        if not isinstance(r.params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(r.params).__name__}")
+        c = check_request(
+            r,
+            active=self._active,
+            max_batch=self.config.max_batch,
+            vocab=self.vocab,
+            context_len=self.context_len,
+            eos_token_ids=self.eos_token_ids,
+        )
         p: SamplingParams = r.params
-        p.validate()
-        try:
-            context = [int(t) for t in [*r.prompt_ids, *r.response_ids]]
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"token ids must be integers ({e})") from None
-        if len(r.prompt_ids) == 0:
-            raise ValueError("empty prompt")
-        if any(not 0 <= t < self.vocab for t in context):
-            raise ValueError(f"token ids must be in [0, {self.vocab})")
-        room = self.context_len - len(context)
-        if room < 1:
-            raise ValueError(
-                f"prompt of {len(context)} tokens does not fit the context window "
-                f"({self.context_len} tokens, prompt + response)"
-            )
-        stops = set(p.stop_token_ids)
-        if not p.ignore_eos:
-            stops |= self.eos_token_ids
         vp = VParams(
             n=r.n,
             temperature=0.0 if p.is_greedy else float(p.temperature),
             top_p=float(p.top_p),
             top_k=p.top_k if p.top_k > 0 else -1,
             seed=p.seed,
-            max_tokens=min(p.max_new_tokens, room),
-            stop_token_ids=sorted(stops),
+            max_tokens=c.max_new,
+            stop_token_ids=sorted(c.stop_ids),
             stop=list(p.stop_strings) or None,
             include_stop_str_in_output=True,
             ignore_eos=p.ignore_eos,
@@ -330,12 +308,12 @@ class VLLMEngine(BatchGenerateMixin):
             skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
         )
-        track = _Track(r, len(context), frozenset(stops))
+        track = _Track(r, c.stop_ids)
         track.comps = [
             Completion(index=j, token_ids=[], logprobs=[], versions=[], finish_reason="abort")
             for j in range(r.n)
         ]
-        return track, context, vp
+        return track, c.context, vp
 
     def _extend(self, comp: Completion, c) -> None:
         ids = list(c.token_ids)

@@ -13,40 +13,8 @@ from rlsys.rollout.engine import GenerationRequest, RolloutEngine, SamplingParam
 
 pytestmark = pytest.mark.slow
 
-QUESTIONS = [
-    "What is 2 + 3?",
-    "What is 7 * 8? Answer with just the number.",
-    "Write one sentence about the sea.",
-    "You are a careful assistant. Explain in two short sentences why the sky looks blue "
-    "during the day and red at sunset, then give the answer to 12 + 30.",
-]
 NEW = 24
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tok(smollm_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm_path)
-
-
-@pytest.fixture(scope="module")
-def hf(smollm_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(smollm_path, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def prompts(tok) -> list[list[int]]:
-    out = []
-    for q in QUESTIONS:
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-        )
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
 
 
 @pytest.fixture(scope="module")
