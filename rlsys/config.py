@@ -277,11 +277,16 @@ class LoggingConfig:
 
 @dataclass
 class SyncConfig:
-    method: str = "broadcast"
-    """Trainer -> rollout weight transfer: broadcast (a gloo/NCCL group, bucketed) or
-    object_store (one full copy through Ray's shared memory)."""
+    method: str = "auto"
+    """Trainer -> rollout weight transfer: shm (trainer and workers on one node: a /dev/shm
+    buffer the trainer casts into and the workers copy from), broadcast (a gloo/NCCL group,
+    bucketed; any placement), auto (shm when every worker is on trainer rank 0's node, else
+    broadcast), or object_store (one full copy through Ray's shared memory)."""
     bucket_mb: float = 64
     """Bucket size (MB, rollout dtype) of a broadcast push: one collective per bucket."""
+    timeout_s: float = 120
+    """A broadcast collective that waits longer than this fails (a member died); the group
+    is rebuilt and the push repeated."""
 
 
 @dataclass
@@ -302,6 +307,19 @@ class ClusterConfig:
     """CPUs Ray may schedule on a local start; null = what this machine has (at least 2)."""
     threads_per_actor: int | None = None
     """torch threads in each compute actor; null = all cores (roles take turns on-policy)."""
+    rollout_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources of one rollout worker (`CPU`, `GPU` and custom node resources such as
+    `node:10.0.0.2` or a label given to `ray start --resources`); one placement-group bundle
+    each."""
+    trainer_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources of one trainer rank; one placement-group bundle each."""
+    rollout_placement: str = "PACK"
+    """Placement-group strategy of the rollout workers: PACK (few nodes), SPREAD (many),
+    STRICT_PACK, STRICT_SPREAD. The trainer ranks are always PACKed."""
+    max_restarts: int = 3
+    """Restarts of a rollout worker that dies (by Ray); its in-flight prompts are re-issued to
+    the restarted worker, which first gets the current weights. 0 = a dead worker fails the
+    run."""
 
 
 @dataclass
@@ -567,7 +585,23 @@ def validate(cfg: RecipeConfig) -> None:
                 "rollout.partial works with single-turn sampled groups: not with ReMax's "
                 "greedy baseline or rollout.agent; set rollout.partial.enabled=false"
             )
-    _choice("sync.method", cfg.sync.method, ("broadcast", "object_store"))
+    _choice("sync.method", cfg.sync.method, ("auto", "shm", "broadcast", "object_store"))
+    _positive("sync.timeout_s", cfg.sync.timeout_s)
+    _choice(
+        "cluster.rollout_placement",
+        cfg.cluster.rollout_placement,
+        ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    )
+    _positive("cluster.max_restarts", cfg.cluster.max_restarts, allow_zero=True)
+    for role in ("rollout", "trainer"):
+        res = getattr(cfg.cluster, f"{role}_resources")
+        for k, v in res.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"cluster.{role}_resources.{k} must be a number >= 0, got {v!r}")
+        if not any(res.values()):
+            raise ConfigError(
+                f"cluster.{role}_resources must ask for something (e.g. {{CPU: 1}}), got {res}"
+            )
     _choice("trainer.zero_stage", cfg.trainer.zero_stage, (None, 0, 1, 2, 3))
     _choice("trainer.precision", cfg.trainer.precision, ("fp32", "bf16"))
     _choice("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from rlsys.config import ConfigError, RecipeConfig, to_dict, to_yaml
 
 if TYPE_CHECKING:
+    from rlsys.rollout.pool import RolloutPool
     from rlsys.trainer.checkpoint import Resume
 
 
@@ -69,7 +70,11 @@ def _init_ray(cfg: RecipeConfig) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # Logical CPUs: one per actor at least (threads are set per actor, not by Ray).
-        need = cfg.rollout.workers + cfg.trainer.ranks
+        cl = cfg.cluster
+        need = math.ceil(
+            cfg.rollout.workers * cl.rollout_resources.get("CPU", 0)
+            + cfg.trainer.ranks * cl.trainer_resources.get("CPU", 0)
+        )
         ncpu = cfg.cluster.num_cpus or max(os.cpu_count() or 1, need)
         ray.init(num_cpus=ncpu, **kwargs)
     return True
@@ -138,23 +143,35 @@ def _run(
 
     from rlsys import models
     from rlsys.buffer.stream import StreamingBuffer
-    from rlsys.rollout.worker import RolloutWorker
+    from rlsys.rollout.pool import Call, RolloutPool
     from rlsys.trainer.group import TrainerGroup
     from rlsys.weight_sync import WeightSync
 
     cfg_d = to_dict(cfg)
     r = cfg.rollout
-    rollout_cls = ray.remote(num_cpus=1)(RolloutWorker)
-    workers = [rollout_cls.remote(cfg_d, model_path, i) for i in range(r.workers)]
+    workers = RolloutPool(cfg_d, model_path, r.workers)
     critic_path = models.resolve(cfg.algorithm.critic.path) if cfg.algorithm.critic.path else None
     trainer = TrainerGroup(cfg_d, model_path, critic_path)
     buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
     # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
-    ray.get([w.get_version.remote() for w in workers])
-    sync = WeightSync(trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method)
+    workers.ready()
+    sync = WeightSync(
+        trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method, cfg.sync.timeout_s
+    )
 
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "rewards": []}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "rewards": [], "group_ids": []}
+    summary["nodes"] = {"rollout": workers.nodes(), "trainer": trainer.nodes()}
     version, next_group, first = 0, 0, 1
+
+    def on_restart(i: int) -> None:
+        """A rollout worker came back with the initial checkpoint: the current policy."""
+        if version:
+            ref = trainer.weights_ref(r.dtype)
+            ray.get(workers.workers[i].update_weights.remote(ref, version))
+        sync.invalidate()
+        logger.info(f"[yellow]rollout worker {i} restarted; loaded weights v{version}")
+
+    workers.on_restart = on_restart
     done = saved = None  # the state after the last finished step; the last checkpoint's step
     if resumed is not None:
         done = _restore(resumed, trainer, buffer, stream, sync)
@@ -176,7 +193,9 @@ def _run(
                     cfg, stream, workers, buffer, step, next_group, version
                 )
             else:
-                groups, outs, ds = _collect_groups(cfg, stream, workers, buffer, step, next_group)
+                groups, outs, ds = _collect_groups(
+                    cfg, stream, workers, buffer, step, next_group, version
+                )
             next_group += ds.pop("groups_started")
             t_gen = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -189,6 +208,7 @@ def _run(
             metrics.update(train_m)
             metrics.update(sync_m)
             metrics.update(ray.get(buffer.stats.remote()))
+            metrics.update(workers.stats())
             metrics["perf/rollout_s"] = t_gen
             metrics["perf/train_s"] = t_train
             metrics["perf/step_s"] = time.perf_counter() - t0
@@ -201,7 +221,8 @@ def _run(
                 logger.info(f"[yellow]reward error (first seen): {metrics['reward/first_error']}")
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.steps):
                 seed = cfg.seed + 7919
-                metrics.update(ray.get(workers[0].evaluate.remote(eval_prompts, cfg.eval.k, seed)))
+                args = (eval_prompts, cfg.eval.k, seed, version)
+                metrics.update(workers.call([Call(0, "evaluate", args)])[0])
             hists = {
                 "reward/hist": [float(s.reward) for g in groups for s in g.samples if s.trainable],
                 "rollout/length_hist": [
@@ -215,6 +236,7 @@ def _run(
                     step, _sample_rows(groups, version, cfg.logging.samples_per_table)
                 )
             summary["rewards"].append(metrics["reward/mean"])
+            summary["group_ids"].append([g.group_id for g in groups])
             every = cfg.checkpoint.every
             if every:
                 done = _step_state(step, version, next_group, stream, buffer)
@@ -243,9 +265,10 @@ def _run(
         if plot:
             summary["plot"] = str(plot)
             logger.info(f"plot: {plot}")
+        sync.close()
         trainer.kill()
-        for a in [*workers, buffer]:
-            ray.kill(a)
+        workers.kill()
+        ray.kill(buffer)
     return summary
 
 
@@ -301,7 +324,13 @@ def _restore(resumed: Resume, trainer, buffer, stream, sync) -> dict:
 
 
 def _collect_groups(
-    cfg: RecipeConfig, stream, workers: list, buffer, step: int, next_group: int
+    cfg: RecipeConfig,
+    stream,
+    workers: RolloutPool,
+    buffer,
+    step: int,
+    next_group: int,
+    version: int,
 ) -> tuple[list, list[dict], dict[str, Any]]:
     """Generate one batch of scored groups through the buffer.
 
@@ -309,6 +338,8 @@ def _collect_groups(
     signal and are dropped; up to `max_rounds` extra rounds refill the batch, after which the
     step trains on what it has (at least one group, else on the unfiltered last round)."""
     import ray
+
+    from rlsys.rollout.pool import Call
 
     r, ds_cfg = cfg.rollout, cfg.algorithm.dynamic_sampling
     want, started, dropped, outs = r.prompts_per_step, 0, 0, []
@@ -324,12 +355,8 @@ def _collect_groups(
         started += len(prompts)
         shares = [(prompts[i :: r.workers], gids[i :: r.workers]) for i in range(r.workers)]
         seed = cfg.seed * 1_000_003 + step * 101 + rnd * 17
-        round_outs = ray.get(
-            [
-                w.generate.remote(p, g, seed + i)
-                for i, (w, (p, g)) in enumerate(zip(workers, shares, strict=True))
-                if p
-            ]
+        round_outs = workers.call(
+            [Call(i, "generate", (p, g, seed + i, version)) for i, (p, g) in enumerate(shares) if p]
         )
         outs += round_outs
         last = [g for o in round_outs for g in o["groups"]]
@@ -350,12 +377,20 @@ def _collect_groups(
 
 
 def _collect_partial(
-    cfg: RecipeConfig, stream, workers: list, buffer, step: int, next_group: int, version: int
+    cfg: RecipeConfig,
+    stream,
+    workers: RolloutPool,
+    buffer,
+    step: int,
+    next_group: int,
+    version: int,
 ) -> tuple[list, list[dict], dict[str, Any]]:
     """One partial-rollout round (APRIL): ceil(over_provision x B) groups in flight, recycled
     ones first; each worker stops once its share of the B groups is complete and hands back
     the unfinished rest, which the buffer keeps for the next step."""
     import ray
+
+    from rlsys.rollout.pool import Call
 
     r = cfg.rollout
     want = r.prompts_per_step
@@ -366,19 +401,23 @@ def _collect_partial(
     recycled = ray.get(buffer.take_recycled.remote(total))
     prompts = stream.next(total - len(recycled))
     gids = list(range(next_group, next_group + len(prompts)))
-    active = workers[: min(len(workers), need)]
-    n_w = len(active)
+    n_w = min(len(workers), need)
     seed = cfg.seed * 1_000_003 + step * 101
-    outs = ray.get(
+    outs = workers.call(
         [
-            w.generate_round.remote(
-                prompts[i::n_w],
-                gids[i::n_w],
-                recycled[i::n_w],
-                need // n_w + (i < need % n_w),
-                seed + i,
+            Call(
+                i,
+                "generate_round",
+                (
+                    prompts[i::n_w],
+                    gids[i::n_w],
+                    recycled[i::n_w],
+                    need // n_w + (i < need % n_w),
+                    seed + i,
+                    version,
+                ),
             )
-            for i, w in enumerate(active)
+            for i in range(n_w)
         ]
     )
     for o in outs:

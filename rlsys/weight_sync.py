@@ -8,6 +8,12 @@ broadcasts it; each worker receives into a preallocated buffer and copies the vi
 engine in place. One collective per bucket, never one per tensor; under ZeRO-3 the trainer
 gathers one bucket at a time, so no rank ever holds a second full copy.
 
+`shm` (what `auto`, the default, picks when every rollout worker shares trainer rank 0's
+node): rank 0 casts the weights straight into one flat buffer in a /dev/shm file (one pass
+over the fp32 master weights, no intermediate copy), then every worker copies its views out of
+its own mapping of the same file into its engine. No sockets, no serialisation: two memory
+passes in all. Workers on other nodes need `broadcast` (what `auto` picks then).
+
 `object_store`: rank 0 puts the full (cast) state dict into the Ray object store once; every
 worker reads the same shared-memory object. Simple, and the baseline of
 `benchmarks/weight_sync.py`.
@@ -19,11 +25,15 @@ and handed to every worker at set-up, so only raw bytes travel each sync.
 from __future__ import annotations
 
 import datetime
+import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 
 import ray
 import torch
+
+from rlsys.rollout.pool import StaleWorkerError
 
 Plan = list[list[tuple[str, tuple[int, ...]]]]
 
@@ -58,21 +68,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 class SyncMember:
     """One process's end of the sync group: rank 0 sends, the others receive."""
 
-    def __init__(self, addr: str, port: int, rank: int, world: int, timeout_s: int = 300) -> None:
+    def __init__(self, addr: str, port: int, rank: int, world: int, timeout_s: float = 300) -> None:
         import torch.distributed as dist
 
-        store = dist.TCPStore(
-            addr,
-            port,
-            world,
-            is_master=rank == 0,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
         if torch.cuda.is_available():
             self.pg = dist.ProcessGroupNCCL(store, rank, world)
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
-            self.pg = dist.ProcessGroupGloo(store, rank, world)
+            self.pg = dist.ProcessGroupGloo(store, rank, world, timeout)
             self.device = torch.device("cpu")
         self.rank = rank
         self._buf: torch.Tensor | None = None
@@ -115,41 +120,189 @@ class SyncMember:
             load(views)
 
 
-class WeightSync:
-    """Driver side: sets the group up once, then `push(version)` after every update."""
+class SharedWeights:
+    """The weights of `plan` in the rollout dtype as one flat buffer in a /dev/shm file, mapped
+    by the writer (trainer rank 0) and every reader (rollout workers on the same node).
+    `buckets[i]` maps the names of bucket i to views of the buffer."""
 
-    def __init__(self, trainer, workers: list, dtype: str, bucket_mb: float, method: str) -> None:
-        self.trainer, self.workers, self.dtype, self.method = trainer, workers, dtype, method
+    def __init__(self, path: str, plan: Plan, dtype: torch.dtype, create: bool = False) -> None:
+        n = sum(_numel(s) for b in plan for _, s in b)
+        if create:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, n * dtype.itemsize)
+            finally:
+                os.close(fd)
+        self.path = path
+        self.flat = torch.from_file(path, shared=True, size=n, dtype=dtype)
+        self.buckets: list[dict[str, torch.Tensor]] = []
+        off = 0
+        for bucket in plan:
+            views = {}
+            for name, shape in bucket:
+                k = _numel(shape)
+                views[name] = self.flat[off : off + k].view(shape)
+                off += k
+            self.buckets.append(views)
+
+    def write(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
+        """Copy (and cast) each bucket's tensors into place; returns the bytes written."""
+        for views, bucket in zip(self.buckets, buckets, strict=True):
+            for name, t in bucket:
+                views[name].copy_(t.detach())
+        return self.flat.numel() * self.flat.element_size()
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {k: v for b in self.buckets for k, v in b.items()}
+
+
+def shm_path() -> str:
+    """A fresh /dev/shm file name for one run's shared weights."""
+    return f"/dev/shm/rlsys-weights-{uuid.uuid4().hex[:12]}"
+
+
+class WeightSync:
+    """Driver side: sets the group up, then `push(version)` after every update.
+
+    `workers` is a `RolloutPool` (or a plain list of worker handles). With a pool, a push that
+    fails because a worker died recovers it (the pool restarts it and hands it the current
+    weights), rebuilds the group with the new process and pushes again; members blocked on
+    the dead one give up after `timeout_s`."""
+
+    def __init__(
+        self,
+        trainer,
+        workers,
+        dtype: str,
+        bucket_mb: float,
+        method: str,
+        timeout_s: float = 120,
+    ) -> None:
+        self.trainer, self.pool, self.dtype, self.method = trainer, workers, dtype, method
+        self.timeout_s = timeout_s
         self.nbytes = trainer.weight_bytes(dtype)
-        if method != "broadcast":
-            return
-        rank0 = trainer.ranks[0]
-        self.plan = ray.get(rank0.sync_plan.remote(dtype, bucket_mb))
+        self.joined = False
+        self.path: str | None = None
+        if method in ("auto", "shm"):
+            rank0 = ray.get(trainer.ranks[0].node_id.remote())
+            nodes = ray.get([w.node_id.remote() for w in self.workers])
+            same = all(n == rank0 for n in nodes)
+            if method == "shm" and not same:
+                raise ValueError(
+                    "sync.method=shm needs every rollout worker on trainer rank 0's node; "
+                    "use sync.method=auto or broadcast"
+                )
+            self.method = "shm" if same else "broadcast"
+        if self.method in ("broadcast", "shm"):
+            self.plan = ray.get(trainer.ranks[0].sync_plan.remote(dtype, bucket_mb))
+        if self.method == "broadcast":
+            self._join()
+        elif self.method == "shm":
+            self.path = shm_path()
+
+    @property
+    def workers(self) -> list:
+        return getattr(self.pool, "workers", self.pool)
+
+    def invalidate(self) -> None:
+        """A member was replaced: form the group again before the next broadcast."""
+        self.joined = False
+
+    def _join(self) -> None:
+        if hasattr(self.pool, "ensure_alive"):  # a dead member would stall everyone's join
+            self.pool.ensure_alive()
+        rank0 = self.trainer.ranks[0]
         addr, port = ray.get(rank0.sync_address.remote())
-        world = 1 + len(workers)
+        world = 1 + len(self.workers)
+        t = self.timeout_s
         ray.get(
-            [rank0.sync_join.remote(addr, port, world)]
-            + [w.sync_join.remote(addr, port, i + 1, world) for i, w in enumerate(workers)]
+            [rank0.sync_join.remote(addr, port, world, t)]
+            + [w.sync_join.remote(addr, port, i + 1, world, t) for i, w in enumerate(self.workers)]
         )
+        self.joined = True
 
     def push(self, version: int) -> dict[str, float]:
         """Every worker holds the trainer's current weights as `version`; `sync/*` metrics."""
-        if self.method != "broadcast":
-            return push_weights(self.trainer, self.workers, version, self.dtype, self.nbytes)
+        if self.method == "object_store":
+            return push_weights(self.trainer, self.pool, version, self.dtype, self.nbytes)
+        if self.method == "shm":
+            return self._push_shm(version)
         t0 = time.perf_counter()
-        send = [r.sync_send.remote(self.plan, self.dtype) for r in self.trainer.ranks]
-        recv = [w.sync_recv.remote(self.plan, self.dtype, version) for w in self.workers]
-        versions = ray.get(recv)
-        ray.get(send)
+        retries = getattr(self.pool, "max_restarts", 0)
+        for attempt in range(retries + 1):
+            if not self.joined:
+                self._join()
+            dead, versions = self._broadcast(version)
+            if not dead:
+                return _metrics(versions, version, self.nbytes, len(self.workers), t0)
+            if attempt == retries:
+                raise RuntimeError(f"weight sync: rollout workers {dead} died {attempt + 1} times")
+            for i in dead:
+                self.pool.recover(i)  # restarted with the current weights (object store)
+            self.invalidate()
+        raise AssertionError("unreachable")
+
+    def _push_shm(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ray.get(
+            [r.sync_shm_write.remote(self.plan, self.dtype, self.path) for r in self.trainer.ranks]
+        )
+        args = (self.plan, self.dtype, self.path, version)
+        if hasattr(self.pool, "call"):
+            from rlsys.rollout.pool import Call
+
+            calls = [Call(i, "sync_shm_load", args) for i in range(len(self.workers))]
+            versions = self.pool.call(calls)
+        else:
+            versions = ray.get([w.sync_shm_load.remote(*args) for w in self.workers])
         return _metrics(versions, version, self.nbytes, len(self.workers), t0)
 
+    def close(self) -> None:
+        """Remove the shared-memory file (the mappings stay valid until their owners exit)."""
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
 
-def push_weights(trainer, workers: list, version: int, dtype: str, nbytes: int) -> dict[str, float]:
+    def _broadcast(self, version: int) -> tuple[list[int], list]:
+        """One bucketed push; the indices of workers that died during it (if the caller can
+        recover them), and the versions the others report."""
+        send = [r.sync_send.remote(self.plan, self.dtype) for r in self.trainer.ranks]
+        recv = [w.sync_recv.remote(self.plan, self.dtype, version) for w in self.workers]
+        dead, versions, errors = [], [], []
+        for i, ref in enumerate(recv):
+            try:
+                versions.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, StaleWorkerError):  # died, or restarted
+                dead.append(i)
+            except ray.exceptions.RayTaskError as e:  # e.g. timed out waiting on a dead peer
+                errors.append(e)
+        if not hasattr(self.pool, "recover") or not dead:
+            if dead:
+                raise RuntimeError(f"weight sync: rollout workers {dead} died")
+            if errors:
+                raise errors[0]
+            ray.get(send)
+            return [], versions
+        for ref in send:  # the sender fails too when a receiver died: expected here
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                pass
+        return dead, versions
+
+
+def push_weights(trainer, workers, version: int, dtype: str, nbytes: int) -> dict[str, float]:
     """Object-store transfer: the trainer's (a `TrainerGroup`) full weights, put once, loaded
-    by every worker; returns `sync/*` metrics."""
+    by every worker (a `RolloutPool`, which recovers dead ones, or a list of handles);
+    returns `sync/*` metrics."""
     t0 = time.perf_counter()
     ref = trainer.weights_ref(dtype)
-    versions = ray.get([w.update_weights.remote(ref, version) for w in workers])
+    if hasattr(workers, "call"):
+        from rlsys.rollout.pool import Call
+
+        calls = [Call(i, "update_weights", (ref, version)) for i in range(len(workers))]
+        versions = workers.call(calls)
+    else:
+        versions = ray.get([w.update_weights.remote(ref, version) for w in workers])
     return _metrics(versions, version, nbytes, len(workers), t0)
 
 

@@ -88,9 +88,13 @@ class RolloutWorker:
                 stop_token_ids=self.eos_ids,
             )
         self.version = 0
+        self.sync = None  # the weight-sync group, once joined
 
-    def generate(self, prompts: list[Prompt], group_ids: list[int], seed: int) -> dict[str, Any]:
+    def generate(
+        self, prompts: list[Prompt], group_ids: list[int], seed: int, min_version: int = 0
+    ) -> dict[str, Any]:
         """Sample, score and return `{"groups": [...], "stats": {...}}`."""
+        self._check_version(min_version)
         r = self.cfg.rollout
         if self.agent is not None:
             return self._generate_multi_turn(prompts, group_ids, seed)
@@ -144,6 +148,7 @@ class RolloutWorker:
         recycled: list[SampleGroup],
         want: int,
         seed: int,
+        min_version: int = 0,
     ) -> dict[str, Any]:
         """A partial-rollout round (`rlsys/rollout/partial.py`): continue `recycled` groups
         first, start `prompts`, stop once `want` groups are complete and abort the rest.
@@ -151,6 +156,7 @@ class RolloutWorker:
         from rlsys.rollout.engine import SamplingParams
         from rlsys.rollout.partial import run_round
 
+        self._check_version(min_version)
         r = self.cfg.rollout
         t0 = time.perf_counter()
         new = []
@@ -267,9 +273,12 @@ class RolloutWorker:
         stats.update(self.scorer.take_stats())
         return {"groups": groups, "stats": stats}
 
-    def evaluate(self, prompts: list[Prompt], k: int, seed: int) -> dict[str, float]:
+    def evaluate(
+        self, prompts: list[Prompt], k: int, seed: int, min_version: int = 0
+    ) -> dict[str, float]:
         """Greedy accuracy and pass@k / mean@k (k samples at the rollout temperature) on
         `prompts`. A response counts as solved when its reward >= `eval.solve_threshold`."""
+        self._check_version(min_version)
         r, ev = self.cfg.rollout, self.cfg.eval
         max_new = ev.max_new_tokens or r.max_new_tokens
         ids = [p.prompt_ids for p in prompts]
@@ -319,33 +328,66 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.version
 
+    def _check_version(self, min_version: int) -> None:
+        """A call needs weights of at least `min_version`; a worker Ray restarted since the
+        last push holds the initial checkpoint and must be brought up to date first."""
+        if self.version < min_version:
+            from rlsys.rollout.pool import StaleWorkerError
+
+            raise StaleWorkerError(
+                f"rollout worker {self.worker_id} holds version {self.version}, the call "
+                f"needs {min_version} (restarted?)"
+            )
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def get_weights(self) -> dict[str, torch.Tensor]:
         """The engine's current weights by Hugging Face name (copies)."""
         if self.native is not None:
             return self.native.named_weights()
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def sync_join(self, addr: str, port: int, rank: int, world: int) -> None:
+    def sync_join(
+        self, addr: str, port: int, rank: int, world: int, timeout_s: float = 300
+    ) -> None:
         """Join the trainer's weight-sync group as receiver `rank` (rlsys/weight_sync.py)."""
         from rlsys.weight_sync import SyncMember
 
-        self.sync = SyncMember(addr, port, rank, world)
+        self.sync = None  # drop a previous group first
+        self.sync = SyncMember(addr, port, rank, world, timeout_s)
+
+    def sync_shm_load(self, plan: list, dtype: str, path: str, version: int) -> int:
+        """Load the weights the trainer wrote to the shared-memory file `path`; the version."""
+        from rlsys.weight_sync import SharedWeights
+
+        shm = getattr(self, "_shm", None)
+        if shm is None or shm.path != path:
+            shm = self._shm = SharedWeights(path, plan, getattr(torch, dtype))
+        self._load(shm.views(), version, whole=True)
+        self.version = version
+        return version
+
+    def _load(self, views, version: int, whole: bool = False) -> None:
+        """Copy the weights (`whole`) or one bucket of them into the engine in place."""
+        if self.native is not None:
+            self.native.update_weights(views, version, partial=not whole)
+            return
+        _, unexpected = self.model.load_state_dict(views, strict=False)
+        if unexpected:
+            raise ValueError(f"weight update: unexpected tensors {unexpected}")
 
     def sync_recv(self, plan: list, dtype: str, version: int) -> int:
         """Receive a broadcast push bucket by bucket, loading each in place; the new version."""
-        if self.native is not None:
+        if self.sync is None:
+            from rlsys.rollout.pool import StaleWorkerError
 
-            def load(views):
-                self.native.update_weights(views, version, partial=True)
-
-        else:
-
-            def load(views):
-                _, unexpected = self.model.load_state_dict(views, strict=False)
-                if unexpected:
-                    raise ValueError(f"weight update: unexpected tensors {unexpected}")
-
-        self.sync.recv(plan, getattr(torch, dtype), load)
+            raise StaleWorkerError(
+                f"rollout worker {self.worker_id} is in no sync group (restarted?)"
+            )
+        self.sync.recv(plan, getattr(torch, dtype), lambda views: self._load(views, version))
         self.version = version
         return version
 

@@ -30,13 +30,14 @@ class TrainerGroup:
         cfg: dict,
         model_path: str,
         critic_path: str | None = None,
-        cpus_per_rank: float = 1,
-        gpus_per_rank: float = 0,
+        resources: dict[str, float] | None = None,
     ) -> None:
+        """`resources`: of one rank; default `cluster.trainer_resources` of `cfg`."""
+        from rlsys.rollout.pool import actor_options, bundle_of
         from rlsys.trainer.worker import TrainerWorker
 
         n = int(cfg["trainer"]["ranks"])
-        bundle = {"CPU": cpus_per_rank} | ({"GPU": gpus_per_rank} if gpus_per_rank else {})
+        bundle = bundle_of(resources or cfg["cluster"]["trainer_resources"])
         self.pg = placement_group([bundle] * n, strategy="PACK")
         ray.get(self.pg.ready())
 
@@ -46,9 +47,9 @@ class TrainerGroup:
         master = ray.get(_address.options(scheduling_strategy=on(0)).remote())
         cls = ray.remote(TrainerWorker)
         self.ranks = [
-            cls.options(
-                num_cpus=cpus_per_rank, num_gpus=gpus_per_rank, scheduling_strategy=on(i)
-            ).remote(cfg, model_path, critic_path, i, n, master)
+            cls.options(**actor_options(bundle), scheduling_strategy=on(i)).remote(
+                cfg, model_path, critic_path, i, n, master
+            )
             for i in range(n)
         ]
         ray.get([r.ready.remote() for r in self.ranks])
@@ -76,6 +77,10 @@ class TrainerGroup:
     def call(self, method: str, *args: Any) -> Any:
         """Any other TrainerWorker method, on every rank; rank 0's answer."""
         return self._all(method, *args)[0]
+
+    def nodes(self) -> list[str]:
+        """The Ray node id of each rank."""
+        return ray.get([r.node_id.remote() for r in self.ranks])
 
     def kill(self) -> None:
         for r in self.ranks:

@@ -100,6 +100,11 @@ class TrainerWorker:
         """The rank, once the process group and engines are up."""
         return self.rank
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def memory(self) -> dict[str, float]:
         """This rank's memory: peak RSS above the process's RSS before the trainer was built,
         and the model + optimizer state it holds (policy, critic, reference), in GB."""
@@ -331,11 +336,12 @@ class TrainerWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def sync_join(self, addr: str, port: int, world: int) -> None:
+    def sync_join(self, addr: str, port: int, world: int, timeout_s: float = 300) -> None:
         """Rank 0 joins the sync group as its sender (rank 0 of that group)."""
         from rlsys.weight_sync import SyncMember
 
-        self.sync = SyncMember(addr, port, 0, world)
+        self.sync = None  # drop a previous group first
+        self.sync = SyncMember(addr, port, 0, world, timeout_s)
 
     def sync_send(self, plan: list, dtype: str) -> int:
         """Broadcast the weights bucket by bucket (rank 0); the other ranks take part in the
@@ -346,6 +352,21 @@ class TrainerWorker:
                 pass
             return 0
         return self.sync.send(buckets, getattr(torch, dtype))
+
+    def sync_shm_write(self, plan: list, dtype: str, path: str) -> int:
+        """Cast the weights into the shared-memory file at `path` (rank 0; created on first
+        use); the other ranks take part in the ZeRO-3 gathers only. Returns the bytes."""
+        from rlsys.weight_sync import SharedWeights
+
+        buckets = self.policy.buckets(plan)  # fp32 masters: the cast happens in the copy
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return 0
+        shm = getattr(self, "_shm", None)
+        if shm is None or shm.path != path:
+            shm = self._shm = SharedWeights(path, plan, getattr(torch, dtype), create=True)
+        return shm.write(buckets)
 
     def save_pretrained(self, out_dir: str) -> str:
         """Write the policy as a Hugging Face folder (weights, config, tokenizer) from rank 0;

@@ -54,7 +54,7 @@ def _run(ranks: int, stage: int, groups_fn, extra: list[str] = ()) -> tuple[list
     )
     from rlsys import models
 
-    group = TrainerGroup(to_dict(cfg), models.resolve("tiny-llama"), cpus_per_rank=1)
+    group = TrainerGroup(to_dict(cfg), models.resolve("tiny-llama"))
     try:
         metrics = [group.train_step(groups_fn(n_groups=4, seed=s)) for s in range(3)]
         import ray

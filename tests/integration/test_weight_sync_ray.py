@@ -72,3 +72,62 @@ def test_broadcast_push_from_zero3(ray_session, synthetic_groups) -> None:
         trainer.kill()
         for w in workers:
             ray.kill(w)
+
+
+def test_pool_recovers_worker_killed_between_calls(ray_session, synthetic_groups) -> None:
+    """A worker killed while idle comes back (Ray restart) with the initial checkpoint: a
+    generate call that needs newer weights, and a broadcast push that finds it outside the
+    group, each recover it (current weights, group rebuilt) instead of failing or silently
+    sampling from stale weights."""
+    from rlsys.data import Prompt
+    from rlsys.rollout.pool import Call, RolloutPool
+    from rlsys.trainer.group import TrainerGroup
+    from rlsys.weight_sync import WeightSync
+
+    path = models.resolve("tiny-llama")
+    base = ["model.path=tiny-llama", "rollout.dtype=float32", "trainer.lr=1e-2"]
+    cfg = to_dict(load_recipe(None, [*base, "sync.timeout_s=20"]))
+    trainer = TrainerGroup(cfg, path)
+    pool = RolloutPool(cfg, path, 2)
+    try:
+        pool.ready()
+        sync = WeightSync(trainer, pool, "float32", bucket_mb=0.1, method="broadcast", timeout_s=20)
+        current = {"v": 0}
+
+        def on_restart(i: int) -> None:  # what the controller does
+            ray.get(
+                pool.workers[i].update_weights.remote(trainer.weights_ref("float32"), current["v"])
+            )
+            sync.invalidate()
+
+        pool.on_restart = on_restart
+        initial = ray.get(pool.workers[1].get_weights.remote())
+        trainer.train_step(synthetic_groups())
+        current["v"] = 1
+        sync.push(1)
+        want = ray.get(trainer.weights_ref("float32"))
+        assert any(not torch.equal(want[k], initial[k]) for k in want)  # v1 != checkpoint
+
+        # (1) killed while idle; the next generate call needs v1
+        ray.kill(pool.workers[1], no_restart=False)  # Ray restarts it from the checkpoint
+        prompts = [Prompt([1, 50, 60, 70], "p", {"answer": "1"}, [])]
+        out = pool.call([Call(1, "generate", (prompts, [0], 7, 1))])[0]
+        assert len(out["groups"]) == 1 and pool.restarts == 1 and pool.reissued == 1
+        got = ray.get(pool.workers[1].get_weights.remote())
+        assert ray.get(pool.workers[1].get_version.remote()) == 1
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+
+        # (2) killed while idle; the next broadcast push finds it outside the group
+        trainer.train_step(synthetic_groups(seed=1))
+        current["v"] = 2
+        ray.kill(pool.workers[0], no_restart=False)
+        m = sync.push(2)
+        assert m["sync/version"] == 2 and pool.restarts == 2
+        want = ray.get(trainer.weights_ref("float32"))
+        for w in pool.workers:
+            assert ray.get(w.get_version.remote()) == 2
+            got = ray.get(w.get_weights.remote())
+            assert all(torch.equal(got[k], v) for k, v in want.items())
+    finally:
+        trainer.kill()
+        pool.kill()

@@ -1,13 +1,15 @@
-"""Bucketed broadcast weight sync, in one process: two group members on two threads."""
+"""Weight sync in one process: bucketed broadcast (two group members on two threads) and the
+shared-memory buffer (a writer and a reader mapping of one /dev/shm file)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
 
 from rlsys.trainer.engine import free_port
-from rlsys.weight_sync import SyncMember, make_plan
+from rlsys.weight_sync import SharedWeights, SyncMember, make_plan, shm_path
 
 
 def test_plan_buckets_by_size() -> None:
@@ -53,3 +55,28 @@ def test_send_recv_in_buckets() -> None:
     for k, v in weights.items():
         assert got[k].dtype == torch.bfloat16 and got[k].shape == v.shape
         assert torch.equal(got[k], v.to(torch.bfloat16)), k
+
+
+def test_shared_weights_cast_into_shm_and_read_back() -> None:
+    """The writer casts fp32 tensors into the file; a second mapping (a worker) sees exactly
+    the bf16 cast, with the plan's names and shapes; a second write replaces the first."""
+    g = torch.Generator().manual_seed(1)
+    weights = {f"w{i}": torch.randn(19 * (i + 1), 7, generator=g) for i in range(5)}
+    plan = make_plan([(k, tuple(v.shape)) for k, v in weights.items()], 2, mb=0.001)
+    assert len(plan) > 1
+    path = shm_path()
+    try:
+        writer = SharedWeights(path, plan, torch.bfloat16, create=True)
+        buckets = [[(n, weights[n]) for n, _ in b] for b in plan]
+        nbytes = writer.write(buckets)
+        assert nbytes == sum(v.numel() for v in weights.values()) * 2
+        reader = SharedWeights(path, plan, torch.bfloat16)
+        got = reader.views()
+        assert list(got) == list(weights)
+        for k, v in weights.items():
+            assert got[k].shape == v.shape and got[k].dtype == torch.bfloat16
+            assert torch.equal(got[k], v.to(torch.bfloat16)), k
+        writer.write([[(n, -2 * weights[n]) for n, _ in b] for b in plan])
+        assert all(torch.equal(got[k], (-2 * v).to(torch.bfloat16)) for k, v in weights.items())
+    finally:
+        os.unlink(path)
