@@ -146,10 +146,20 @@ class SharedWeights:
             self.buckets.append(views)
 
     def write(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> int:
-        """Copy (and cast) each bucket's tensors into place; returns the bytes written."""
+        """Copy (and cast) each bucket's tensors into place; returns the bytes written.
+        Raises ValueError (before the readers load anything) if a tensor is not finite: one
+        fp32 sum per tensor here, so the readers need not scan the bf16 copy each."""
+        bad = []
         for views, bucket in zip(self.buckets, buckets, strict=True):
             for name, t in bucket:
+                if t.is_floating_point() and not torch.isfinite(
+                    t.detach().sum(dtype=torch.float32)
+                ):
+                    if not bool(t.isfinite().all()):  # the sum can overflow on finite values
+                        bad.append(name)
                 views[name].copy_(t.detach())
+        if bad:
+            raise ValueError(f"weight sync: non-finite values in {bad[:5]}; nothing was loaded")
         return self.flat.numel() * self.flat.element_size()
 
     def views(self) -> dict[str, torch.Tensor]:
@@ -196,7 +206,7 @@ class WeightSync:
         if self.method in ("broadcast", "shm"):
             self.plan = ray.get(trainer.ranks[0].sync_plan.remote(dtype, bucket_mb))
         if self.method == "broadcast":
-            self._join()
+            self._ensure_joined()
         elif self.method == "shm":
             self.path = shm_path()
 
@@ -208,18 +218,61 @@ class WeightSync:
         """A member was replaced: form the group again before the next broadcast."""
         self.joined = False
 
-    def _join(self) -> None:
+    def _join(self) -> list[int]:
+        """Form the group; the indices of workers that died while joining (then the group is
+        not formed: the others gave up after `timeout_s`)."""
         if hasattr(self.pool, "ensure_alive"):  # a dead member would stall everyone's join
             self.pool.ensure_alive()
         rank0 = self.trainer.ranks[0]
         addr, port = ray.get(rank0.sync_address.remote())
         world = 1 + len(self.workers)
         t = self.timeout_s
-        ray.get(
-            [rank0.sync_join.remote(addr, port, world, t)]
-            + [w.sync_join.remote(addr, port, i + 1, world, t) for i, w in enumerate(self.workers)]
-        )
-        self.joined = True
+        sender = rank0.sync_join.remote(addr, port, world, t)
+        refs = [w.sync_join.remote(addr, port, i + 1, world, t) for i, w in enumerate(self.workers)]
+        dead, _ = self._collect(refs, [sender])
+        self.joined = not dead
+        return dead
+
+    def _collect(self, refs: list, senders: list) -> tuple[list[int], list]:
+        """Wait for one collective: the workers' results `refs` and the trainer ranks'. Returns the
+        indices of workers that died (or restarted) during it and the others' results; when
+        one died, the errors of members left waiting on it are expected and dropped."""
+        dead, values, errors = [], [], []
+        for i, ref in enumerate(refs):
+            try:
+                values.append(ray.get(ref))
+            except (ray.exceptions.RayActorError, StaleWorkerError):  # died, or restarted
+                dead.append(i)
+            except ray.exceptions.RayTaskError as e:  # e.g. timed out waiting on a dead peer
+                errors.append(e)
+        for ref in senders:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                errors.insert(0, e)
+        if errors and not dead:
+            raise errors[0]
+        return dead, values
+
+    def _recover(self, dead: list[int], attempt: int, what: str) -> None:
+        """Bring `dead` workers back with the current weights (a pool only) and drop the group;
+        raise when there is no pool or the retries are spent."""
+        retries = getattr(self.pool, "max_restarts", 0)
+        if not hasattr(self.pool, "recover") or attempt >= retries:
+            raise RuntimeError(
+                f"weight sync: rollout workers {dead} died while {what} ({attempt + 1} times)"
+            )
+        for i in dead:
+            self.pool.recover(i)  # restarted with the current weights (object store)
+        self.invalidate()
+
+    def _ensure_joined(self) -> None:
+        attempt = 0
+        while not self.joined:
+            dead = self._join()
+            if dead:
+                self._recover(dead, attempt, "joining the sync group")
+                attempt += 1
 
     def push(self, version: int) -> dict[str, float]:
         """Every worker holds the trainer's current weights as `version`; `sync/*` metrics."""
@@ -228,19 +281,16 @@ class WeightSync:
         if self.method == "shm":
             return self._push_shm(version)
         t0 = time.perf_counter()
-        retries = getattr(self.pool, "max_restarts", 0)
-        for attempt in range(retries + 1):
-            if not self.joined:
-                self._join()
-            dead, versions = self._broadcast(version)
+        attempt = 0
+        while True:
+            self._ensure_joined()
+            send = [r.sync_send.remote(self.plan, self.dtype) for r in self.trainer.ranks]
+            recv = [w.sync_recv.remote(self.plan, self.dtype, version) for w in self.workers]
+            dead, versions = self._collect(recv, send)
             if not dead:
                 return _metrics(versions, version, self.nbytes, len(self.workers), t0)
-            if attempt == retries:
-                raise RuntimeError(f"weight sync: rollout workers {dead} died {attempt + 1} times")
-            for i in dead:
-                self.pool.recover(i)  # restarted with the current weights (object store)
-            self.invalidate()
-        raise AssertionError("unreachable")
+            self._recover(dead, attempt, "receiving weights")
+            attempt += 1
 
     def _push_shm(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -261,33 +311,6 @@ class WeightSync:
         """Remove the shared-memory file (the mappings stay valid until their owners exit)."""
         if self.path and os.path.exists(self.path):
             os.unlink(self.path)
-
-    def _broadcast(self, version: int) -> tuple[list[int], list]:
-        """One bucketed push; the indices of workers that died during it (if the caller can
-        recover them), and the versions the others report."""
-        send = [r.sync_send.remote(self.plan, self.dtype) for r in self.trainer.ranks]
-        recv = [w.sync_recv.remote(self.plan, self.dtype, version) for w in self.workers]
-        dead, versions, errors = [], [], []
-        for i, ref in enumerate(recv):
-            try:
-                versions.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, StaleWorkerError):  # died, or restarted
-                dead.append(i)
-            except ray.exceptions.RayTaskError as e:  # e.g. timed out waiting on a dead peer
-                errors.append(e)
-        if not hasattr(self.pool, "recover") or not dead:
-            if dead:
-                raise RuntimeError(f"weight sync: rollout workers {dead} died")
-            if errors:
-                raise errors[0]
-            ray.get(send)
-            return [], versions
-        for ref in send:  # the sender fails too when a receiver died: expected here
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayTaskError:
-                pass
-        return dead, versions
 
 
 def push_weights(trainer, workers, version: int, dtype: str, nbytes: int) -> dict[str, float]:

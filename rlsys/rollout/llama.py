@@ -247,8 +247,11 @@ class LlamaModel:
 
     # ---- weights -------------------------------------------------------------------------
 
-    def check_weights(self, named: Mapping[str, torch.Tensor], require_all: bool) -> None:
-        """Raise ValueError listing unknown, missing and mis-shaped tensors (changes nothing)."""
+    def check_weights(
+        self, named: Mapping[str, torch.Tensor], require_all: bool, finite: bool = True
+    ) -> None:
+        """Raise ValueError listing unknown, missing and mis-shaped tensors, and (`finite`)
+        non-finite ones (changes nothing)."""
         unknown = [k for k in named if k not in self.params and k != "lm_head.weight"]
         expected = dict(self.params)
         if self.spec.tied:
@@ -275,6 +278,8 @@ class LlamaModel:
             raise ValueError("weight update rejected, nothing changed; " + "; ".join(parts))
         # A NaN/inf weight would poison every later sample; one pass over 135M values is
         # ~0.1 s, small next to the push itself.
+        if not finite:  # the sender checked (SharedWeights.write)
+            return
         nonfinite = [
             k for k, t in named.items() if t.is_floating_point() and not bool(t.isfinite().all())
         ]
@@ -282,10 +287,13 @@ class LlamaModel:
             raise ValueError(f"weight update rejected: non-finite values in {nonfinite[:5]}")
 
     @torch.inference_mode()
-    def load(self, named: Mapping[str, torch.Tensor], require_all: bool = True) -> None:
+    def load(
+        self, named: Mapping[str, torch.Tensor], require_all: bool = True, finite: bool = True
+    ) -> None:
         """Validate everything first, then copy each tensor into its view (casts dtype and
-        device); a tied model's `lm_head.weight` is ignored (it is the embedding)."""
-        self.check_weights(named, require_all)
+        device); a tied model's `lm_head.weight` is ignored (it is the embedding). `finite=False`
+        skips the NaN/inf scan (the sender did it)."""
+        self.check_weights(named, require_all, finite)
         for k, t in named.items():
             if k in self.params:
                 self.params[k].copy_(t)

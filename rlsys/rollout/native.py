@@ -161,15 +161,21 @@ class NativeEngine(BatchGenerateMixin):
         return self._version
 
     def update_weights(
-        self, named_tensors: Mapping[str, torch.Tensor], version: int, *, partial: bool = False
+        self,
+        named_tensors: Mapping[str, torch.Tensor],
+        version: int,
+        *,
+        partial: bool = False,
+        finite_checked: bool = False,
     ) -> None:
         """Copy HF-named tensors into the weights in place and set `version`. Every tensor is
         checked before any is copied: an unknown, missing (unless `partial`, for bucketed
-        pushes) or mis-shaped one raises ValueError and leaves weights and version as they
-        were. The KV cache is not reallocated."""
+        pushes), mis-shaped or (unless the sender already checked, `finite_checked`)
+        non-finite one raises ValueError and leaves weights and version as they were. The KV
+        cache is not reallocated."""
         if not isinstance(version, int):
             raise ValueError(f"version must be an int, got {version!r}")
-        self.model.load(named_tensors, require_all=not partial)
+        self.model.load(named_tensors, require_all=not partial, finite=not finite_checked)
         self._version = version
 
     def named_weights(self) -> dict[str, torch.Tensor]:

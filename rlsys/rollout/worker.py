@@ -366,7 +366,12 @@ class RolloutWorker:
         shm = getattr(self, "_shm", None)
         if shm is None or shm.path != path:
             shm = self._shm = SharedWeights(path, plan, getattr(torch, dtype))
-        self._load(shm.views(), version, whole=True)
+        from rlsys.rollout.native import NativeEngine
+
+        if isinstance(self.native, NativeEngine):  # the writer checked finiteness
+            self.native.update_weights(shm.views(), version, finite_checked=True)
+        else:
+            self._load(shm.views(), version, whole=True)
         self.version = version
         return version
 

@@ -86,12 +86,12 @@ def test_pool_recovers_worker_killed_between_calls(ray_session, synthetic_groups
 
     path = models.resolve("tiny-llama")
     base = ["model.path=tiny-llama", "rollout.dtype=float32", "trainer.lr=1e-2"]
-    cfg = to_dict(load_recipe(None, [*base, "sync.timeout_s=20"]))
+    cfg = to_dict(load_recipe(None, [*base, "sync.timeout_s=10"]))
     trainer = TrainerGroup(cfg, path)
     pool = RolloutPool(cfg, path, 2)
     try:
         pool.ready()
-        sync = WeightSync(trainer, pool, "float32", bucket_mb=0.1, method="broadcast", timeout_s=20)
+        sync = WeightSync(trainer, pool, "float32", bucket_mb=0.1, method="broadcast", timeout_s=10)
         current = {"v": 0}
 
         def on_restart(i: int) -> None:  # what the controller does

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
 import torch
 
 from rlsys.trainer.engine import free_port
@@ -78,5 +79,11 @@ def test_shared_weights_cast_into_shm_and_read_back() -> None:
             assert torch.equal(got[k], v.to(torch.bfloat16)), k
         writer.write([[(n, -2 * weights[n]) for n, _ in b] for b in plan])
         assert all(torch.equal(got[k], (-2 * v).to(torch.bfloat16)) for k, v in weights.items())
+        bad = {k: v.clone() for k, v in weights.items()}
+        bad["w3"][2, 1] = float("nan")
+        with pytest.raises(ValueError, match="non-finite values in \\['w3'\\]"):
+            writer.write([[(n, bad[n]) for n, _ in b] for b in plan])
+        huge = {k: torch.full_like(v, 3e38) for k, v in weights.items()}  # the sum overflows
+        writer.write([[(n, huge[n]) for n, _ in b] for b in plan])  # but every value is finite
     finally:
         os.unlink(path)
