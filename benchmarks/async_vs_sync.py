@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import write_results  # noqa: E402
 
 
-def run(mode: str, k: int, steps: int, tmp: Path) -> list[dict]:
+def run(mode: str, k: int, steps: int, tmp: Path, overrides: list[str]) -> list[dict]:
     from rlsys.config import load_recipe
     from rlsys.controller import train
 
@@ -47,6 +47,7 @@ def run(mode: str, k: int, steps: int, tmp: Path) -> list[dict]:
             f"steps={steps}",
             "logging.wandb.mode=disabled",
             f"logging.run_dir={tmp}/{name}",
+            *overrides,
             *extra,
         ],
     )
@@ -86,12 +87,20 @@ def summarize(rows: list[dict], is_async: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override applied to every mode, e.g. rollout.max_new_tokens=256",
+    )
+    ap.add_argument("--name", default="async_vs_sync", help="results/<name>.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rlsys-async-bench-"))
-    res: dict = {"steps": args.steps}
+    res: dict = {"steps": args.steps, "recipe": "quickstart " + " ".join(args.set)}
     for mode, k in (("sync", 0), ("async", 1), ("async", 2)):
         name = "sync" if mode == "sync" else f"async{k}"
-        s = summarize(run(mode, k, args.steps, tmp), mode == "async")
+        s = summarize(run(mode, k, args.steps, tmp, args.set), mode == "async")
         res.update({f"{name}_{key}": v for key, v in s.items()})
         print(name, s, flush=True)
     sync = res["sync_steps_per_hour"]
@@ -109,7 +118,7 @@ def main() -> None:
             f"{res[f'{name}_reward_slope']:>9}"
         )
     print(f"speedup k=1 {res['speedup_k1']}x, k=2 {res['speedup_k2']}x")
-    print(f"wrote {write_results('async_vs_sync', res)}")
+    print(f"wrote {write_results(args.name, res)}")
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ def run_mode(engine, prompts, args, partial: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--groups", type=int, default=8, help="B: groups a round must deliver")
     ap.add_argument("--n", type=int, default=8, help="samples per group")
-    ap.add_argument("--over-provision", type=float, default=1.5)
+    ap.add_argument("--over-provision", type=float, default=2.0)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")

@@ -160,6 +160,10 @@ class TrainEngine:
             config=ds_config(t, self.stage, with_optimizer=self.trainable),
         )
         self.module = self.engine.module
+        if self.stage == 0 and self.world == 1:
+            # Nothing to all-reduce; DeepSpeed would still flatten every gradient into one
+            # bucket and copy it back (a transient full fp32 gradient copy, the step's peak).
+            self.engine.enable_backward_allreduce = False
         if not self.trainable:
             self.module.eval()
 
