@@ -7,37 +7,34 @@ from the arithmetic task, responses of 8-24 random tokens, rewards 0/1 from a fi
 groups carry one extra greedy baseline sample that is scored but not trained on). Both use
 gradient checkpointing (activations would otherwise dominate at this size).
 
-Trainer peak memory (`*_peak_mem_gb`) = the peak of *live torch tensor bytes* over two training
-steps (the warm-up step, which allocates the Adam states, and one steady-state step), counted by
-`LiveTensorBytes`, a `TorchDispatchMode` entered before the trainer is built:
+Trainer peak memory (`*_peak_mem_gb`) = the bytes of every tensor alive when the trainer is
+built (weights, buffers, the reference model, counted by walking the garbage collector's
+tensors, one count per storage) + the peak, over two training steps (the warm-up step, which
+allocates the Adam states, and one steady-state step), of the bytes the PyTorch CPU allocator
+has handed out since the steps began and not yet taken back. That running total comes from the
+profiler's memory reporting (`profile_memory=True`: the allocator reports each allocation and
+each free of a block allocated while profiling, with the running total), so it counts
+gradients, optimizer states, activations, saved tensors and the temporaries of
+forward/backward/step, including workspace an op allocates and frees inside itself through the
+PyTorch allocator, each while it exists. It is what a perfect allocator would need, independent
+of glibc malloc and of what the OS reports. Not counted: memory outside the PyTorch allocator
+(Python objects, oneDNN's own scratch, the torch/transformers runtime).
 
-- every tensor an op takes or returns (args, kwargs and outputs, flattened) is reduced to its
-  untyped storage; a storage is added (its `nbytes()`) the first time it is seen and removed
-  by a weakref callback when it is freed (PyTorch keeps a storage's Python object alive as long
-  as the storage itself, so the callback fires at the real free); views count once;
-- Hugging Face loads checkpoint shards in worker threads, out of sight of the (thread-local)
-  mode, and the bf16 reference's weights are a zero-copy mmap of the checkpoint file: so once
-  the trainer is built, every tensor the garbage collector reaches is registered too;
-- so the count covers parameters, buffers, gradients, optimizer states (created by the
-  optimizer, or seen as inputs of its step), the reference model, the critic, and the
-  activations, saved tensors and temporaries of forward/backward/step, each while it exists;
-- the peak is sampled after every op's outputs are registered, so an op's inputs and outputs
-  count together. Not counted: workspace a kernel allocates and frees inside one op (oneDNN
-  scratch, the fused-Adam kernel's internals), tensors that live and die within another
-  thread, and any non-tensor memory (Python objects, allocator caching and fragmentation, the
-  torch/transformers runtime). It is the figure a perfect allocator would need, independent
-  of glibc malloc and of what the OS reports.
+Earlier versions counted live tensor storages with a `TorchDispatchMode`; a Python dispatch
+mode keeps extra references to the tensors it sees, which stops autograd from summing a tied
+weight's two gradient contributions in place (one extra full-size copy of the embedding
+gradient at the peak, 0.1 GB here): the profiler does not change what it measures.
 
 Checks printed with the figures: a hand count of the state each trainer holds (parameters x
-dtype size, fp32 gradients, AdamW moments, per model, from the live modules and optimizer),
-the tracked live bytes after the build (= parameters and buffers) and after the steps
-(= parameters + optimizer states + whatever gradients the engine keeps), and the bytes of
-tensors the garbage collector reaches after the steps that the tracker does not count (a
-tensor created where the mode could not see it and never used by an op under it; must be 0).
+dtype size, fp32 gradients, AdamW moments, per model, from the live modules and optimizer), and
+`unaccounted` = (built bytes + the allocator's net change over the steps) - the bytes of the
+tensors alive after the steps: 0 unless a block allocated before the steps was freed during
+them (the profiler cannot subtract a block whose size it never saw; the peak would then be an
+over-estimate by at most that much).
 
 Secondary columns: the process's peak RSS (ru_maxrss, `*_peak_rss_gb`), which also holds the
 runtime (~0.2-0.7 GB) and whatever the allocator keeps, and is not stable on CPU. Step time
-(`*_step_s`) is the mean over `--steps` further steps run with the tracker off.
+(`*_step_s`) is the mean over `--steps` further steps run without the profiler.
 
     .venv/bin/python benchmarks/remax_vs_ppo.py [--steps 3]
 """
@@ -51,12 +48,11 @@ import random
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch._C._profiler import _ExtraFields_Allocation
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import current_rss_gb, peak_rss_gb, write_results  # noqa: E402
@@ -71,58 +67,33 @@ SAME = [
 ]
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the distinct tensor storages alive now (`live`) and at most (`peak`), over
-    every storage an op under this mode took or returned (see the module docstring)."""
+class AllocatorPeak:
+    """Peak and net bytes the PyTorch CPU allocator handed out in this thread while inside
+    the `with` block, from the profiler's allocation events (see the module docstring)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._size: dict[int, int] = {}  # id(storage object) -> bytes counted
-        self._refs: dict[int, weakref.ref] = {}
+    peak: int = 0
+    net: int = 0
 
-    def _freed(self, key: int) -> None:
-        self.live -= self._size.pop(key, 0)
-        self._refs.pop(key, None)
+    def __enter__(self) -> AllocatorPeak:
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
 
-    def add(self, t: object) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # no storage (sparse, some subclasses)
-            return
-        key, n = id(st), st.nbytes()
-        old = self._size.get(key)
-        if old is None:
-            self._refs[key] = weakref.ref(st, lambda _, k=key: self._freed(k))
-        if old != n:  # new, or resized in place
-            self._size[key] = n
-            self.live += n - (old or 0)
-
-    def add_all(self, tensors) -> None:
-        for t in tensors:
-            self.add(t)
-        self.peak = max(self.peak, self.live)
-
-    def untracked(self, tensors) -> int:
-        """Bytes of the distinct storages behind `tensors` that this tracker does not count."""
-        missed: dict[int, int] = {}
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                st = t.untyped_storage()
-                if id(st) not in self._size:
-                    missed[id(st)] = st.nbytes()
-        return sum(missed.values())
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.add_all(tree_leaves((args, kwargs, out)))
-        return out
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        stack = list(self._prof.profiler.kineto_results.experimental_event_tree())
+        events = []
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            x = node.extra_fields
+            if isinstance(x, _ExtraFields_Allocation) and x.device.type == "cpu":
+                events.append((node.start_time_ns, x.alloc_size, x.total_allocated))
+        if events:
+            events.sort(key=lambda e: e[0])
+            base = events[0][2] - events[0][1]  # the running total before the first event
+            self.peak = max(e[2] for e in events) - base
+            self.net = events[-1][2] - base
 
 
 def storage_bytes(tensors) -> int:
@@ -206,26 +177,18 @@ def run_one(algo: str, steps: int) -> dict:
     path = models.resolve(cfg.model.path)
     torch.set_num_threads(2)
     base = current_rss_gb()  # Python + torch + transformers, before any trainer state
-    tracker = LiveTensorBytes()
-    with tracker:
-        worker = TrainerWorker(to_dict(cfg), path)
-        groups = make_groups(worker.tokenizer, remax=algo == "remax")
-        # Transformers loads checkpoint shards in worker threads, where this (thread-local)
-        # mode does not see them: the weights, and the bf16 reference's zero-copy mmap of the
-        # checkpoint, are registered here, with every other tensor the process holds.
-        missed_build = tracker.untracked(gc_tensors())
-        tracker.add_all(gc_tensors())
-        built_live, build_peak = tracker.live, tracker.peak
-        tracker.reset_peak()
+    worker = TrainerWorker(to_dict(cfg), path)
+    groups = make_groups(worker.tokenizer, remax=algo == "remax")
+    built = storage_bytes(gc_tensors())  # weights, buffers, the reference model
+    with AllocatorPeak() as warm:
         t0 = time.perf_counter()
         worker.train_step(groups)  # warm-up: allocates the optimizer states
         warm_s = time.perf_counter() - t0
-        warm_peak = tracker.peak
+    with AllocatorPeak() as steady:
         worker.train_step(groups)  # steady state
-        alive = gc_tensors()
-        peak, live = tracker.peak, tracker.live
-        scanned, missed = storage_bytes(alive), tracker.untracked(alive)
-        del alive
+    live = storage_bytes(gc_tensors())
+    net = warm.net + steady.net
+    peak = built + max(warm.peak, warm.net + steady.peak)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -233,16 +196,13 @@ def run_one(algo: str, steps: int) -> dict:
         times.append(time.perf_counter() - t0)
     return {
         "peak_gb": peak / GB,
-        "warm_peak_gb": warm_peak / GB,
-        "build_peak_gb": build_peak / GB,
-        "built_live_gb": built_live / GB,
+        "warm_peak_gb": (built + warm.peak) / GB,
+        "built_live_gb": built / GB,
         "live_gb": live / GB,
-        "gc_scan_gb": scanned / GB,
-        "gc_untracked_gb": missed / GB,
-        "build_untracked_gb": missed_build / GB,
+        "unaccounted_gb": (built + net - live) / GB,
         "rss_gb": peak_rss_gb(),
         "base_gb": base,
-        "tracked_warmup_s": warm_s,
+        "profiled_warmup_s": warm_s,
         "step_s": sum(times) / len(times),
         "engines": {
             "policy": describe(worker.policy),
@@ -321,8 +281,8 @@ def main() -> None:
         "+all grad",
         "live built",
         "live after",
-        "untracked",
-        "tracked pk",
+        "unaccounted",
+        "peak",
         "pk - grad",
         "peak RSS",
     ]
@@ -335,7 +295,7 @@ def main() -> None:
             h["state_all_grads"],
             x["built_live_gb"],
             x["live_gb"],
-            x["gc_untracked_gb"],
+            x["unaccounted_gb"],
             x["peak_gb"],
             x["peak_gb"] - h["state_max_grads"],
             x["rss_gb"],
@@ -343,10 +303,10 @@ def main() -> None:
         print(f"{algo:8}" + "".join(f"{v:11.3f}" for v in vals) + f"{x['step_s']:9.2f}")
     print(
         "(state = weights + buffers + AdamW moments; +max/all grad = with the largest / all fp32"
-        " gradients; pk - grad = tracked peak - (state + max grad): activations, temporaries)"
+        " gradients; pk - grad = peak - (state + max grad): activations, temporaries)"
     )
     print(
-        f"ReMax / PPO tracked peak memory {fig['mem_ratio']:.2f}x (RSS {fig['rss_ratio']:.2f}x),"
+        f"ReMax / PPO peak memory {fig['mem_ratio']:.2f}x (RSS {fig['rss_ratio']:.2f}x),"
         f" PPO / ReMax time {fig['speedup']:.2f}x"
     )
     print(f"wrote {write_results('remax_vs_ppo', fig)}")

@@ -119,7 +119,10 @@ class TrainerWorker:
 
     def _autocast(self):
         if self.cfg.trainer.autocast_bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            # No cast cache: it would keep a bf16 copy of every weight alive until the forward
+            # ends (with gradient checkpointing nothing else needs them), and each weight is
+            # cast once per forward anyway.
+            return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def _micro_batches(self, batch: TrainBatch, rows: list[int]) -> list[tuple[MicroBatch, bool]]:
