@@ -2,12 +2,13 @@
 reward per step (issue "Streaming buffer, async training ...").
 
 The quickstart recipe (GRPO, SmolLM2-135M-Instruct, single-digit addition, 8 prompts x 8
-samples per step), `--steps` steps per mode, one process run, real Ray actors:
+samples per step; `--recipe NAME` for another one, `--set KEY=VALUE` to override it), `--steps`
+steps per mode, one process run, real Ray actors:
 
 - sync: generate a batch, train on it, push the weights, repeat; each phase may use both cores
   (`cluster.threads_per_actor=2`; the other role is idle meanwhile);
-- async k: `rollout.mode=async rollout.max_staleness=k` for k = 1, 2; rollout and trainer run
-  at once, so each gets one of the two cores (`cluster.threads_per_actor=1`).
+- async k: `rollout.mode=async rollout.max_staleness=k` for k = 1, 2 (`--ks`); rollout and
+  trainer run at once, so each gets one of the two cores (`cluster.threads_per_actor=1`).
 
 steps/hour = 3600 / mean step seconds over steps 2..N (step 1 includes actor warm-up). Idle
 fractions: sync, rollout idle = train + sync seconds / step seconds and trainer idle = rollout
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import write_results  # noqa: E402
 
 
-def run(mode: str, k: int, steps: int, tmp: Path, overrides: list[str]) -> list[dict]:
+def run(recipe: str, mode: str, k: int, steps: int, tmp: Path, overrides: list[str]) -> list[dict]:
     from rlsys.config import load_recipe
     from rlsys.controller import train
 
@@ -42,7 +43,7 @@ def run(mode: str, k: int, steps: int, tmp: Path, overrides: list[str]) -> list[
         extra = ["rollout.mode=async", f"rollout.max_staleness={k}", "cluster.threads_per_actor=1"]
     name = f"{mode}{k}"
     cfg = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
+        ROOT / "recipes" / f"{recipe}.yaml",
         [
             f"steps={steps}",
             "logging.wandb.mode=disabled",
@@ -94,30 +95,34 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="recipe override applied to every mode, e.g. rollout.max_new_tokens=256",
     )
+    ap.add_argument("--recipe", default="quickstart", help="recipes/<recipe>.yaml")
+    ap.add_argument("--ks", default="1,2", help="staleness bounds to run in async mode")
     ap.add_argument("--name", default="async_vs_sync", help="results/<name>.json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rlsys-async-bench-"))
-    res: dict = {"steps": args.steps, "recipe": "quickstart " + " ".join(args.set)}
-    for mode, k in (("sync", 0), ("async", 1), ("async", 2)):
+    res: dict = {"steps": args.steps, "recipe": " ".join([args.recipe, *args.set])}
+    ks = [int(k) for k in args.ks.split(",")]
+    names = ["sync"] + [f"async{k}" for k in ks]
+    for mode, k in [("sync", 0)] + [("async", k) for k in ks]:
         name = "sync" if mode == "sync" else f"async{k}"
-        s = summarize(run(mode, k, args.steps, tmp, args.set), mode == "async")
+        s = summarize(run(args.recipe, mode, k, args.steps, tmp, args.set), mode == "async")
         res.update({f"{name}_{key}": v for key, v in s.items()})
         print(name, s, flush=True)
     sync = res["sync_steps_per_hour"]
-    res["speedup_k1"] = round(res["async1_steps_per_hour"] / sync, 3)
-    res["speedup_k2"] = round(res["async2_steps_per_hour"] / sync, 3)
-    res["rollout_idle_k1"] = res["async1_rollout_idle"]
-    res["trainer_idle_k1"] = res["async1_trainer_idle"]
+    for k in ks:
+        res[f"speedup_k{k}"] = round(res[f"async{k}_steps_per_hour"] / sync, 3)
+        res[f"rollout_idle_k{k}"] = res[f"async{k}_rollout_idle"]
+        res[f"trainer_idle_k{k}"] = res[f"async{k}_trainer_idle"]
     print(
         f"\n{'mode':<8}{'steps/h':>9}{'step s':>8}{'roll idle':>10}{'train idle':>11}{'rew/step':>9}"
     )
-    for name in ("sync", "async1", "async2"):
+    for name in names:
         print(
             f"{name:<8}{res[f'{name}_steps_per_hour']:>9}{res[f'{name}_step_s']:>8}"
             f"{res[f'{name}_rollout_idle']:>10}{res[f'{name}_trainer_idle']:>11}"
             f"{res[f'{name}_reward_slope']:>9}"
         )
-    print(f"speedup k=1 {res['speedup_k1']}x, k=2 {res['speedup_k2']}x")
+    print(", ".join(f"speedup k={k} {res[f'speedup_k{k}']}x" for k in ks))
     print(f"wrote {write_results(args.name, res)}")
 
 
