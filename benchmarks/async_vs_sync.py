@@ -8,7 +8,8 @@ steps per mode, one process run, real Ray actors:
 - sync: generate a batch, train on it, push the weights, repeat; each phase may use both cores
   (`cluster.threads_per_actor=2`; the other role is idle meanwhile);
 - async k: `rollout.mode=async rollout.max_staleness=k` for k = 1, 2 (`--ks`); rollout and
-  trainer run at once, so each gets one of the two cores (`cluster.threads_per_actor=1`).
+  trainer run at once on the same two cores: the trainer with two threads, each rollout
+  worker with one (the default in async mode on one node, `cluster.rollout_threads`).
 
 steps/hour = 3600 / mean step seconds over steps 2..N (step 1 includes actor warm-up). Idle
 fractions: sync, rollout idle = train + sync seconds / step seconds and trainer idle = rollout
@@ -40,7 +41,7 @@ def run(recipe: str, mode: str, k: int, steps: int, tmp: Path, overrides: list[s
 
     extra = ["cluster.threads_per_actor=2"]
     if mode == "async":
-        extra = ["rollout.mode=async", f"rollout.max_staleness={k}", "cluster.threads_per_actor=1"]
+        extra += ["rollout.mode=async", f"rollout.max_staleness={k}"]
     name = f"{mode}{k}"
     cfg = load_recipe(
         ROOT / "recipes" / f"{recipe}.yaml",

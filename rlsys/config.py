@@ -307,6 +307,11 @@ class ClusterConfig:
     """CPUs Ray may schedule on a local start; null = what this machine has (at least 2)."""
     threads_per_actor: int | None = None
     """torch threads in each compute actor; null = all cores (roles take turns on-policy)."""
+    rollout_threads: int | None = None
+    """torch threads in each rollout worker; null = `threads_per_actor`, except in async mode
+    on a one-node Ray cluster: 1, so that generation runs beside a trainer that keeps every
+    core (2-core CPU, quickstart: 1.15x the on-policy steps/hour, where one core per role gives
+    0.84x and all cores for both 0.74x; `benchmarks/RESULTS.md`)."""
     rollout_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     """Ray resources of one rollout worker (`CPU`, `GPU` and custom node resources such as
     `node:10.0.0.2` or a label given to `ray start --resources`); one placement-group bundle
@@ -445,6 +450,18 @@ ADVANTAGES = ("grpo", "rloo", "reinforce_pp", "remax", "gae")
 ENGINES = ("native", "vllm", "hf")
 DTYPES = ("float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
+
+
+def rollout_threads(cfg: RecipeConfig, nodes: int) -> int | None:
+    """torch threads of each rollout worker on a Ray cluster of `nodes` nodes (None = all
+    cores): `cluster.rollout_threads` if set; else 1 in async mode on one node, where the
+    trainer runs at the same time on the same cores; else `cluster.threads_per_actor`."""
+    c = cfg.cluster
+    if c.rollout_threads is not None:
+        return c.rollout_threads
+    if cfg.rollout.mode == "async" and nodes == 1:
+        return 1
+    return c.threads_per_actor
 
 
 def _choice(key: str, value: Any, options: tuple) -> None:
@@ -593,6 +610,9 @@ def validate(cfg: RecipeConfig) -> None:
         ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     )
     _positive("cluster.max_restarts", cfg.cluster.max_restarts, allow_zero=True)
+    for key in ("threads_per_actor", "rollout_threads"):
+        if getattr(cfg.cluster, key) is not None:
+            _positive(f"cluster.{key}", getattr(cfg.cluster, key))
     for role in ("rollout", "trainer"):
         res = getattr(cfg.cluster, f"{role}_resources")
         for k, v in res.items():

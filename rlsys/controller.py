@@ -22,6 +22,8 @@ seed, step, round) and group ids from the saved counter, so a resumed run sample
 uninterrupted one would have.
 
 All compute actors use every core (`cluster.threads_per_actor`): on-policy, the roles take turns.
+In async mode on one node the rollout workers default to one thread each
+(`cluster.rollout_threads`), so that the trainer keeps its speed while they generate beside it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlsys.config import ConfigError, RecipeConfig, to_dict, to_yaml
+from rlsys.config import ConfigError, RecipeConfig, rollout_threads, to_dict, to_yaml
 
 if TYPE_CHECKING:
     from rlsys.rollout.pool import RolloutPool
@@ -147,6 +149,12 @@ def _run(
     from rlsys.trainer.group import TrainerGroup
     from rlsys.weight_sync import WeightSync
 
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    cfg.cluster.rollout_threads = rollout_threads(cfg, nodes)
+    logger.info(
+        f"torch threads: trainer {cfg.cluster.threads_per_actor or 'all cores'}, "
+        f"rollout workers {cfg.cluster.rollout_threads or 'all cores'} each ({nodes} node(s))"
+    )
     cfg_d = to_dict(cfg)
     r = cfg.rollout
     workers = RolloutPool(cfg_d, model_path, r.workers)

@@ -34,7 +34,8 @@ class RolloutWorker:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg: RecipeConfig = from_dict(cfg)
-        setup_actor_process(self.cfg.cluster.threads_per_actor)
+        # the controller resolves rollout_threads (`config.rollout_threads`) before it starts us
+        setup_actor_process(self.cfg.cluster.rollout_threads or self.cfg.cluster.threads_per_actor)
         self.worker_id = worker_id
         dtype = getattr(torch, self.cfg.rollout.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -46,9 +46,11 @@ def _samples(tmp: Path, name: str) -> list[tuple]:
     return out
 
 
-def test_async_staleness_bounded(tmp_path: Path) -> None:
+def test_async_staleness_bounded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for k in (1, 2):
         rows = _run(tmp_path, f"k{k}", ["rollout.mode=async", f"rollout.max_staleness={k}"])
+        # one local node: the rollout workers generate on one thread beside the trainer
+        assert "rollout workers 1 each (1 node(s))" in capsys.readouterr().out
         assert [r["step"] for r in rows] == [1, 2, 3, 4]
         assert all(r["rollout/staleness_max"] <= k for r in rows)
         assert max(r["rollout/staleness_max"] for r in rows) == k  # really ran ahead

@@ -102,3 +102,20 @@ def test_defaults_are_valid() -> None:
 def test_error_is_config_error_in_process() -> None:
     with pytest.raises(ConfigError, match="trainer.lr must be > 0"):
         load_recipe(None, ["trainer.lr=0"])
+
+
+def test_rollout_threads_default_per_mode_and_cluster() -> None:
+    """Async on one node: rollout workers get 1 thread (the trainer keeps every core); on
+    several nodes, or on-policy, `threads_per_actor`; an explicit value always wins."""
+    from rlsys.config import rollout_threads
+
+    sync = load_recipe(None, ["cluster.threads_per_actor=4"])
+    assert rollout_threads(sync, nodes=1) == 4
+    asy = load_recipe(None, ["rollout.mode=async", "cluster.threads_per_actor=4"])
+    assert rollout_threads(asy, nodes=1) == 1
+    assert rollout_threads(asy, nodes=2) == 4
+    assert rollout_threads(load_recipe(None, ["rollout.mode=async"]), nodes=3) is None
+    pinned = load_recipe(None, ["rollout.mode=async", "cluster.rollout_threads=3"])
+    assert rollout_threads(pinned, nodes=1) == 3
+    with pytest.raises(ConfigError, match="cluster.rollout_threads must be > 0"):
+        load_recipe(None, ["cluster.rollout_threads=0"])
