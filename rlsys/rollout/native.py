@@ -180,7 +180,7 @@ class NativeEngine(BatchGenerateMixin):
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """The loaded weights by Hugging Face name (copies)."""
-        return {k: v.detach().clone() for k, v in self.model.params.items()}
+        return {k: self.model.weight(k) for k in self.model.shapes}
 
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request; a bad one becomes an error result returned by the next step()."""

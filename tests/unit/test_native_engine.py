@@ -367,3 +367,74 @@ def test_forward_failure_fails_only_its_requests(engine, prompts, monkeypatch):
     assert rest[0].request_id == "running" and len(rest[0].completions[0].token_ids) == 6
     (again,) = engine.generate([GenerationRequest("new", prompts[1], greedy(6))])
     assert again.error is None
+
+
+def test_bf16_packed_weights_load_from_one_buffer_and_in_parts(
+    hf, tiny_tokenizer, prompts, monkeypatch
+):
+    """bf16 on x86 keeps the matmul weights only in oneDNN's packed layout. Against an engine
+    on plain bf16 weights (`F.linear`): the same greedy tokens and logprobs (bf16 rounding
+    only); a full update from one flat buffer (the shared-memory push: q/k/v and gate/up back
+    to back, packed straight from it) and partial updates (some parts of a fused weight) give
+    the same weights and outputs on both; the packed copy does not alias the buffer."""
+    import rlsys.rollout.llama as llama
+
+    packed = make_engine(hf, tiny_tokenizer, dtype="bfloat16")
+    assert packed.model._packed is not None and packed.model.qkv is None  # no plain copy
+    monkeypatch.setattr(llama, "_can_pack", lambda: False)
+    plain = make_engine(hf, tiny_tokenizer, dtype="bfloat16")
+    assert plain.model._packed is None
+
+    def outputs(e: NativeEngine) -> tuple[list, list]:
+        res = e.generate([GenerationRequest(str(i), p, greedy(12)) for i, p in enumerate(prompts)])
+        return [r.completions[0].token_ids for r in res], [r.completions[0].logprobs for r in res]
+
+    def same(tol: float = 2e-2) -> None:
+        (tp, lp), (tq, lq) = outputs(packed), outputs(plain)
+        assert tp == tq
+        for a, b in zip(lp, lq, strict=True):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=tol, rtol=0)
+        wp, wq = packed.named_weights(), plain.named_weights()
+        assert wp.keys() == wq.keys()
+        for k in wq:
+            assert torch.equal(wp[k], wq[k]), k
+
+    same()
+    # one flat bf16 buffer holding the tensors in state-dict order, as `SharedWeights` lays them
+    new = {k: v for k, v in perturbed(hf).items() if k != "lm_head.weight"}
+    flat = torch.cat([v.to(torch.bfloat16).reshape(-1) for v in new.values()])
+    views, off = {}, 0
+    for k, v in new.items():
+        views[k] = flat[off : off + v.numel()].view(v.shape)
+        off += v.numel()
+    q = views["model.layers.0.self_attn.q_proj.weight"]
+    assert llama._back_to_back([q, views["model.layers.0.self_attn.k_proj.weight"]])
+    assert not llama._back_to_back([views["model.layers.0.self_attn.k_proj.weight"], q])
+    packed.update_weights(views, 1, finite_checked=True)
+    plain.update_weights(views, 1, finite_checked=True)
+    assert torch.equal(
+        packed.named_weights()["model.layers.0.self_attn.k_proj.weight"],
+        views["model.layers.0.self_attn.k_proj.weight"],
+    )
+    same()
+    before = outputs(packed)
+    flat.mul_(-3.0)  # the next push overwrites the buffer: the engine must not see it
+    assert outputs(packed)[0] == before[0]
+    # parts of fused weights: k of layer 0, up of layer 1 (q, v, gate read back from the pack)
+    g = torch.Generator().manual_seed(5)
+    part = {
+        k: torch.randn(new[k].shape, generator=g) * new[k].std()
+        for k in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight")
+    }
+    packed.update_weights(part, 2, partial=True)
+    plain.update_weights(part, 2, partial=True)
+    w = packed.named_weights()
+    assert torch.equal(
+        w["model.layers.0.self_attn.k_proj.weight"],
+        part["model.layers.0.self_attn.k_proj.weight"].to(torch.bfloat16),
+    )
+    assert torch.equal(
+        w["model.layers.0.self_attn.q_proj.weight"],
+        new["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16),
+    )
+    same()
