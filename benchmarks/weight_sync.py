@@ -6,7 +6,8 @@ Real actors: one `TrainerGroup` rank (SmolLM2-135M-Instruct, fp32 master weights
 
 - shm (what `rlsys train` uses when trainer and workers share a node, `sync.method: auto`):
   trainer rank 0 casts the fp32 weights straight into one bf16 buffer in a /dev/shm file;
-  each worker copies the views out of its own mapping of that file into its engine;
+  each worker loads its engine from its own mapping of that file (the native bf16 engine
+  packs its matmul weights straight from it);
 - broadcast (any placement, e.g. workers on other nodes): trainer rank 0 casts each 64 MB
   bucket to bf16, packs it into one flat buffer and broadcasts it over a gloo group; each
   worker receives into a reused buffer and copies the views into its engine in place;

@@ -310,8 +310,8 @@ class ClusterConfig:
     rollout_threads: int | None = None
     """torch threads in each rollout worker; null = `threads_per_actor`, except in async mode
     on a one-node Ray cluster: 1, so that generation runs beside a trainer that keeps every
-    core (2-core CPU, quickstart: 1.15x the on-policy steps/hour, where one core per role gives
-    0.84x and all cores for both 0.74x; `benchmarks/RESULTS.md`)."""
+    core (2-core CPU, quickstart: 206.7 steps/hour, against 153.8 with one core per role;
+    `benchmarks/RESULTS.md`)."""
     rollout_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     """Ray resources of one rollout worker (`CPU`, `GPU` and custom node resources such as
     `node:10.0.0.2` or a label given to `ray start --resources`); one placement-group bundle

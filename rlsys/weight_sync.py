@@ -10,9 +10,10 @@ gathers one bucket at a time, so no rank ever holds a second full copy.
 
 `shm` (what `auto`, the default, picks when every rollout worker shares trainer rank 0's
 node): rank 0 casts the weights straight into one flat buffer in a /dev/shm file (one pass
-over the fp32 master weights, no intermediate copy), then every worker copies its views out of
-its own mapping of the same file into its engine. No sockets, no serialisation: two memory
-passes in all. Workers on other nodes need `broadcast` (what `auto` picks then).
+over the fp32 master weights, no intermediate copy), then every worker loads its engine from
+its own mapping of the same file (the native bf16 engine packs straight from it). No sockets,
+no serialisation: two memory passes in all. Workers on other nodes need `broadcast` (what
+`auto` picks then).
 
 `object_store`: rank 0 puts the full (cast) state dict into the Ray object store once; every
 worker reads the same shared-memory object. Simple, and the baseline of
