@@ -220,16 +220,19 @@ class LlamaModel:
             self._packed = {k: [None] * s.layers for k in ("qkv", "o", "gate_up", "down")}
             self._packed["lm_head"] = [None]
         plain = self._packed is None
-        rows = {
-            "qkv": self.q_dim + 2 * self.kv_dim,
-            "o": h,
-            "gate_up": 2 * i,
-            "down": h,
+        # Each fused matmul weight: its HF parts (name, rows) in order, and its columns.
+        q, kv = self.q_dim, self.kv_dim
+        parts = {
+            "qkv": (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)),
+            "o": (("self_attn.o_proj", h),),
+            "gate_up": (("mlp.gate_proj", i), ("mlp.up_proj", i)),
+            "down": (("mlp.down_proj", h),),
         }
-        cols = {"qkv": h, "o": self.q_dim, "gate_up": h, "down": i}
+        cols = {"qkv": h, "o": q, "gate_up": h, "down": i}
         self.embed = empty(s.vocab, h)
-        for kind in rows:
-            setattr(self, kind, empty(s.layers, rows[kind], cols[kind]) if plain else None)
+        for kind, names in parts.items():
+            rows = sum(n for _, n in names)
+            setattr(self, kind, empty(s.layers, rows, cols[kind]) if plain else None)
         self.ln_attn = empty(s.layers, h)
         self.ln_mlp = empty(s.layers, h)
         self.norm = empty(h)
@@ -250,13 +253,6 @@ class LlamaModel:
         self._rows: dict[str, tuple[str, int, int, int]] = {head: ("lm_head", 0, 0, s.vocab)}
         if plain and not s.tied:
             self.params[head] = self.lm_head
-        q, kv = self.q_dim, self.kv_dim
-        parts = {
-            "qkv": (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)),
-            "o": (("self_attn.o_proj", h),),
-            "gate_up": (("mlp.gate_proj", i), ("mlp.up_proj", i)),
-            "down": (("mlp.down_proj", h),),
-        }
         for layer in range(s.layers):
             pre = f"model.layers.{layer}."
             for kind, names in parts.items():
@@ -358,10 +354,12 @@ class LlamaModel:
         given = [named.get(k) for k in keys]
         if all(t is not None for t in given):
             ts = [t.to(self.device, self.dtype) for t in given]  # type: ignore[union-attr]
+            if len(ts) == 1:
+                return ts[0]
             if _back_to_back(ts):
                 rows = sum(t.shape[0] for t in ts)
                 return ts[0].as_strided((rows, ts[0].shape[1]), (ts[0].shape[1], 1))
-            return torch.cat(ts) if len(ts) > 1 else ts[0]
+            return torch.cat(ts)
         w = self._packed[kind][layer].to_dense().clone()  # type: ignore[index]
         for k, t in zip(keys, given, strict=True):
             if t is not None:
