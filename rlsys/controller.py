@@ -97,6 +97,10 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     validate_reward_config(cfg.reward, cfg.data.task)
     cfg.reward = resolve_paths(cfg.reward)  # actors may run in another working directory
     model_path = models.resolve(cfg.model.path)
+    if cfg.rollout.engine == "native":
+        from rlsys.rollout.native import check_supported
+
+        check_supported(model_path, cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_prompts, eval_prompts = load_splits(cfg.data, tokenizer, cfg.seed)
     if cfg.eval.every and not eval_prompts:

@@ -29,6 +29,10 @@ def evaluate_checkpoint(
         raise ConfigError(f"--checkpoint {ckpt}: not a Hugging Face model folder (no config.json)")
     validate_reward_config(cfg.reward, cfg.data.task)
     cfg.reward = resolve_paths(cfg.reward)
+    if cfg.rollout.engine == "native":
+        from rlsys.rollout.native import check_supported
+
+        check_supported(str(ckpt))
     tokenizer = AutoTokenizer.from_pretrained(ckpt)
     _, held = load_splits(cfg.data, tokenizer, cfg.seed)
     if not held:

@@ -5,6 +5,8 @@
   (safetensors + tokenizer + chat template). No hub access is needed.
 - `tiny-llama`: a ~0.3M-parameter Llama with a byte-level BPE tokenizer trained offline on a
   small arithmetic corpus; created in-process in well under a second, for fast tests.
+- `tiny-qwen2`, `tiny-qwen3`: the same at the other architectures the native engine runs
+  (Qwen2's q/k/v biases; Qwen3's q/k norms and a head_dim of its own), random biases and norms.
 
 Folders live under `$RLSYS_CACHE` (default `~/.cache/rlsys`); the Makefile points it inside
 the project. `python -m rlsys.models prepare NAME` builds one ahead of time.
@@ -86,10 +88,10 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def _build_tiny(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512) -> None:
-    import torch
+def _tiny_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer trained on `_tiny_corpus`, with the chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk = Tokenizer(models.BPE())
@@ -110,8 +112,25 @@ def _build_tiny(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512) 
         unk_token="<|endoftext|>",
     )
     tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _build_tiny(out: Path, arch: str = "llama", hidden: int = 64, layers: int = 2) -> None:
+    """A tiny random model of `arch` with the tiny tokenizer:
+
+    - `llama`: 4 heads of 16, 2 KV heads, tied LM head;
+    - `qwen2`: the same shape with Qwen2's q/k/v biases;
+    - `qwen3`: 4 heads of 32 (head_dim != hidden / heads, as in Qwen3), 2 KV heads, q/k
+      RMSNorm, untied LM head.
+
+    Biases and norm weights, which HF initialises to 0 and 1, are drawn at random so that a
+    forward that dropped them would give other outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    tok = _tiny_tokenizer(512)
     torch.manual_seed(0)
-    config = LlamaConfig(
+    common = dict(
         vocab_size=len(tok),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -119,17 +138,34 @@ def _build_tiny(out: Path, hidden: int = 64, layers: int = 2, vocab: int = 512) 
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
+    if arch == "llama":
+        config = LlamaConfig(tie_word_embeddings=True, **common)
+    elif arch == "qwen2":
+        config = Qwen2Config(tie_word_embeddings=True, **common)
+    else:
+        config = Qwen3Config(tie_word_embeddings=False, head_dim=32, **common)
+    model = AutoModelForCausalLM.from_config(config)
+    if arch != "llama":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0.0, 0.5)
+                elif "norm" in name:
+                    p.uniform_(0.5, 1.5)
     model.save_pretrained(out)
     tok.save_pretrained(out)
 
 
-ZOO: dict[str, Callable[[Path], None]] = {SMOLLM2: _build_smollm2, TINY: _build_tiny}
+ZOO: dict[str, Callable[[Path], None]] = {
+    SMOLLM2: _build_smollm2,
+    TINY: _build_tiny,
+    "tiny-qwen2": lambda out: _build_tiny(out, "qwen2"),
+    "tiny-qwen3": lambda out: _build_tiny(out, "qwen3"),
+}
 
 
 def resolve(path: str) -> str:

@@ -1,8 +1,11 @@
-"""Llama forward over a slot KV cache, for the native engine.
+"""Llama-family forward over a slot KV cache, for the native engine.
 
 The math is Hugging Face's `LlamaForCausalLM` (RMSNorm, RoPE with the config's rope_theta and
-static rope scaling, grouped-query attention, SwiGLU MLP, optionally tied LM head), written
-so that the engine owns the cache:
+static rope scaling, grouped-query attention, SwiGLU MLP, optionally tied LM head), with the
+two deltas of the other common families: Qwen2 (`Qwen2ForCausalLM`: biases on q/k/v) and
+Qwen3 (`Qwen3ForCausalLM`: RMSNorm over each head's q and k before RoPE, `q_norm`/`k_norm`;
+biases when `attention_bias`). Llama's own `attention_bias` / `mlp_bias` are honoured too.
+Written so that the engine owns the cache:
 
 - Weights are fused and stacked per kind: `qkv[l] = cat(q_proj, k_proj, v_proj)`,
   `gate_up[l] = cat(gate_proj, up_proj)`, so a layer is 4 matmuls instead of 7. `params` maps
@@ -31,6 +34,8 @@ import torch.nn.functional as F
 
 # RoPE types whose inverse frequencies do not depend on the sequence length.
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}
+# HF `model_type`s the forward implements (each config class names its biases differently).
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Batch-size hint for oneDNN weight prepacking: 64 rows was fastest of 1/8/64/256 at 4-64 rows
 # and bit-identical to F.linear there (hint 1 differed by 1e-3 relative at 64 rows).
 _PACK_M = 64
@@ -79,15 +84,27 @@ class LlamaSpec:
     tied: bool
     inv_freq: tuple[float, ...]  # RoPE inverse frequencies, [D/2]
     rope_scale: float  # "attention_scaling" of yarn/longrope; 1.0 otherwise
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2; attention_bias)
+    o_bias: bool = False  # o_proj has a bias (Llama/Qwen3 attention_bias)
+    mlp_bias: bool = False  # gate/up/down have biases (Llama mlp_bias)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
 
     @classmethod
     def from_hf_config(cls, config) -> LlamaSpec:
-        if getattr(config, "model_type", "llama") != "llama":
-            raise NotImplementedError(f"native engine supports Llama, not {config.model_type}")
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            raise NotImplementedError("native engine: attention_bias / mlp_bias not supported")
+        """The spec of an HF config; NotImplementedError (naming what) for anything the
+        forward does not implement: another architecture, sliding-window layers, a
+        length-dependent RoPE, an activation other than SiLU."""
+        arch = getattr(config, "model_type", "llama")
+        if arch not in ARCHITECTURES:
+            raise NotImplementedError(
+                f"the native engine implements {', '.join(ARCHITECTURES)}, not {arch!r}"
+            )
+        windowed = [t for t in getattr(config, "layer_types", None) or () if t != "full_attention"]
+        if windowed:  # HF lists every layer's kind (sliding only where it applies)
+            raise NotImplementedError("the native engine has no sliding-window attention")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise NotImplementedError(f"native engine: hidden_act {config.hidden_act}")
+        attn_bias = bool(getattr(config, "attention_bias", False))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // (
             config.num_attention_heads
         )
@@ -117,13 +134,19 @@ class LlamaSpec:
             tied=bool(getattr(config, "tie_word_embeddings", False)),
             inv_freq=tuple(float(x) for x in inv),
             rope_scale=float(scale),
+            qkv_bias=arch == "qwen2" or attn_bias,
+            o_bias=arch != "qwen2" and attn_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=arch == "qwen3",
         )
 
     @property
     def num_params(self) -> int:
         h, i, d = self.hidden, self.intermediate, self.head_dim
-        attn = h * (self.heads + 2 * self.kv_heads) * d + self.heads * d * h
-        per_layer = attn + 3 * h * i + 2 * h
+        qkv = (self.heads + 2 * self.kv_heads) * d
+        attn = h * qkv + self.heads * d * h
+        attn += qkv * self.qkv_bias + h * self.o_bias + 2 * d * self.qk_norm
+        per_layer = attn + 3 * h * i + (2 * i + h) * self.mlp_bias + 2 * h
         head = 0 if self.tied else self.vocab * h
         return self.vocab * h + self.layers * per_layer + h + head
 
@@ -233,8 +256,18 @@ class LlamaModel:
         for kind, names in parts.items():
             rows = sum(n for _, n in names)
             setattr(self, kind, empty(s.layers, rows, cols[kind]) if plain else None)
+        # Biases of the fused matmuls that have them: [layers, rows], plain (never packed).
+        with_bias = {"qkv": s.qkv_bias, "o": s.o_bias, "gate_up": s.mlp_bias, "down": s.mlp_bias}
+        self.bias = {
+            kind: empty(s.layers, sum(n for _, n in parts[kind]))
+            for kind, on in with_bias.items()
+            if on
+        }
         self.ln_attn = empty(s.layers, h)
         self.ln_mlp = empty(s.layers, h)
+        # Qwen3: one [D] RMSNorm weight for every q head and one for every k head, per layer.
+        self.q_norm = empty(s.layers, d) if s.qk_norm else None
+        self.k_norm = empty(s.layers, d) if s.qk_norm else None
         self.norm = empty(h)
         self.lm_head = self.embed if s.tied else (empty(s.vocab, h) if plain else None)
 
@@ -263,12 +296,15 @@ class LlamaModel:
                     self._rows[key] = (kind, layer, r0, r0 + n)
                     if plain:
                         self.params[key] = getattr(self, kind)[layer, r0 : r0 + n]
+                    if kind in self.bias:
+                        self.shapes[f"{pre}{name}.bias"] = (n,)
+                        self.params[f"{pre}{name}.bias"] = self.bias[kind][layer, r0 : r0 + n]
                     r0 += n
-            for name, w in (
-                ("input_layernorm", self.ln_attn),
-                ("post_attention_layernorm", self.ln_mlp),
-            ):
-                self.shapes[f"{pre}{name}.weight"] = (h,)
+            norms = [("input_layernorm", self.ln_attn), ("post_attention_layernorm", self.ln_mlp)]
+            if self.q_norm is not None and self.k_norm is not None:
+                norms += [("self_attn.q_norm", self.q_norm), ("self_attn.k_norm", self.k_norm)]
+            for name, w in norms:
+                self.shapes[f"{pre}{name}.weight"] = tuple(w.shape[1:])
                 self.params[f"{pre}{name}.weight"] = w[layer]
         self._parts = {kind: [n for n, _ in names] for kind, names in parts.items()}
 
@@ -378,10 +414,11 @@ class LlamaModel:
         return self._packed[kind][layer].to_dense()[r0:r1].clone()
 
     def _linear(self, x: torch.Tensor, kind: str, layer: int = 0) -> torch.Tensor:
+        b = self.bias[kind][layer] if kind in self.bias else None
         if self._packed is not None:
             w = self._packed[kind][layer]
-            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return F.linear(x, self.lm_head if kind == "lm_head" else getattr(self, kind)[layer])
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, self.lm_head if kind == "lm_head" else getattr(self, kind)[layer], b)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -400,8 +437,14 @@ class LlamaModel:
         s = self.spec
         qkv = self._linear(self._rms(x, self.ln_attn[layer]), "qkv", layer)
         n = qkv.shape[0]
+        qk = qkv[:, : self.q_dim + self.kv_dim].view(n, -1, s.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per-head RMSNorm
+            w = torch.cat(
+                [self.q_norm[layer].expand(s.heads, -1), self.k_norm[layer].expand(s.kv_heads, -1)]
+            )
+            qk = self._rms(qk, w)
         # RoPE once on q and k together (one set of elementwise ops instead of two).
-        qk = self._rope(qkv[:, : self.q_dim + self.kv_dim].view(n, -1, s.head_dim), cos, sin)
+        qk = self._rope(qk, cos, sin)
         q, k = qk[:, : s.heads], qk[:, s.heads :]
         v = qkv[:, self.q_dim + self.kv_dim :].view(n, s.kv_heads, s.head_dim)
         return q, k, v

@@ -1,7 +1,8 @@
 """The native rollout engine: continuous batching over a preallocated slot KV cache.
 
-Pure PyTorch, CPU or GPU, Llama-family models (forward in `rollout/llama.py`, sampling in
-`rollout/sampling.py`). Implements `RolloutEngine` (`rollout/engine.py`).
+Pure PyTorch, CPU or GPU, Llama-family models: Llama, Qwen2, Qwen3 (forward in
+`rollout/llama.py`, sampling in `rollout/sampling.py`). Implements `RolloutEngine`
+(`rollout/engine.py`).
 
 One `step()`:
 
@@ -78,8 +79,26 @@ class _Req:
         return all(s.finish_reason is not None for s in self.seqs)
 
 
+def check_supported(model_path: str, name: str | None = None) -> None:
+    """Raise `ConfigError` (exit code 2 in the CLI) naming the reason and the engines that
+    can run it, unless the native engine implements the model at `model_path` (checked
+    from its config alone, before any actor or weight is loaded)."""
+    from transformers import AutoConfig
+
+    from rlsys.config import ConfigError
+
+    try:
+        LlamaSpec.from_hf_config(AutoConfig.from_pretrained(model_path))
+    except NotImplementedError as e:
+        raise ConfigError(
+            f"rollout.engine=native cannot run model '{name or model_path}': {e}. Use "
+            "rollout.engine=vllm (what vLLM supports) or rollout.engine=hf (any transformers "
+            "causal LM)"
+        ) from None
+
+
 class NativeEngine(BatchGenerateMixin):
-    """Continuous-batching Llama engine (see the module docstring). Not thread-safe."""
+    """Continuous-batching Llama-family engine (see the module docstring). Not thread-safe."""
 
     @dataclass(kw_only=True)
     class Config:
@@ -108,7 +127,8 @@ class NativeEngine(BatchGenerateMixin):
         tokenizer=None,
         version: int = 0,
     ) -> None:
-        """Build from an HF `LlamaConfig` and an HF-named state dict (copied, not aliased).
+        """Build from an HF config (Llama, Qwen2, Qwen3) and an HF-named state dict (copied,
+        not aliased).
         `eos_token_ids` stop every request unless it sets `ignore_eos`; `tokenizer` (an HF
         tokenizer) is needed only for stop strings."""
         self.config = cfg = config or NativeEngine.Config()
@@ -136,7 +156,7 @@ class NativeEngine(BatchGenerateMixin):
     def from_pretrained(
         cls, path: str, config: NativeEngine.Config | None = None, **kwargs
     ) -> NativeEngine:
-        """Load an HF Llama folder (weights, generation config's eos ids, tokenizer)."""
+        """Load an HF folder (weights, generation config's eos ids, tokenizer)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         cfg = config or NativeEngine.Config()
@@ -146,7 +166,7 @@ class NativeEngine(BatchGenerateMixin):
 
     @classmethod
     def from_hf_model(cls, model, tokenizer=None, config=None, **kwargs) -> NativeEngine:
-        """Copy the weights of a loaded HF `LlamaForCausalLM` (the HF model can be freed)."""
+        """Copy the weights of a loaded HF causal LM (the HF model can be freed)."""
         eos = model.generation_config.eos_token_id
         eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         if tokenizer is not None and tokenizer.eos_token_id is not None:
