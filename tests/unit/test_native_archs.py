@@ -203,3 +203,33 @@ def test_train_with_an_architecture_the_engine_lacks_exits_2(tmp_path):
     assert "rollout.engine=native cannot run model" in r.stderr and "'gpt2'" in r.stderr
     assert "rollout.engine=hf" in r.stderr
     assert not (tmp_path / "run").exists()  # stopped before the run folder was made
+
+
+def test_llama_attention_and_mlp_biases_match_transformers():
+    """Llama's `attention_bias` (q/k/v/o) and `mlp_bias` (gate/up/down), random biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+    )
+    hf = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+    biases = [k for k in hf.state_dict() if k.endswith(".bias")]
+    assert len(biases) == 7 * 2  # q, k, v, o, gate, up, down in each layer
+    engine = NativeEngine.from_hf_model(
+        hf, config=NativeEngine.Config(max_batch=8), eos_token_ids=[]
+    )
+    assert engine.spec.num_params == sum(p.numel() for p in hf.parameters())
+    prompts = [[5, 17, 42, 99, 7], [250, 3], list(range(20, 60))]
+    assert worst_logprob_gap(hf, engine, prompts) < 1e-4
