@@ -30,7 +30,24 @@ import triton.language as tl
 from rlsys.kernels.backend import check_launchable
 from rlsys.kernels.triton_common import UPCAST_DOT, dot
 
-BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
+# (BLOCK_M, BLOCK_N) by head dim, 8 warps: the configurations ptxas compiles for sm_90 without
+# register spills (`python -m rlsys.kernels.aot`; 64 x 64 with 4 warps spilled 160 bytes per
+# thread in the dK/dV backward at D=64 and 600-1300 in all three kernels at D=128). Not yet
+# timed on a GPU.
+BLOCKS_BY_HEAD_DIM = {64: (64, 64), 128: (64, 32)}  # D <= key; larger D takes the last
+NUM_WARPS = 8
+BLOCK_M: int | None = None  # set both to override the table (tests use small tiles)
+BLOCK_N: int | None = None
+
+
+def default_blocks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for queries/keys of `head_dim`."""
+    for d, blocks in sorted(BLOCKS_BY_HEAD_DIM.items()):
+        if head_dim <= d:
+            return blocks
+    return BLOCKS_BY_HEAD_DIM[max(BLOCKS_BY_HEAD_DIM)]
+
+
 LOG2E = 1.4426950408889634
 
 
@@ -198,13 +215,16 @@ def triton_packed_attention(
     """Launch the Triton kernels: [N, Hq, D] in q's dtype, differentiable w.r.t. q, k, v.
 
     max_seqlen sizes the grid; None reads it from cu_seqlens (one device sync). blocks =
-    (BLOCK_M, BLOCK_N); None reads the module constants at call time.
+    (BLOCK_M, BLOCK_N); None takes the module's BLOCK_M/N when set, else
+    `default_blocks(head_dim)`.
     """
     check_launchable(_attn_fwd_kernel, q.device)
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    blocks = blocks or (BLOCK_M, BLOCK_N)
+    if blocks is None:
+        given = (BLOCK_M, BLOCK_N)
+        blocks = default_blocks(q.shape[-1]) if None in given else given
     return _TritonPackedAttention.apply(q, k, v, cu_seqlens, causal, scale, max_seqlen, blocks)
 
 

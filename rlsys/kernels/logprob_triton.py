@@ -15,9 +15,12 @@ al. 2024). That is 3 GEMM-sized passes after the forward's 1 (a non-atomic split
 kernel and a dW kernel would need 4); the price is run-to-run nondeterminism in the last bits
 of the gradients, and atomic traffic of (T/BLOCK_T + V/BLOCK_V) x H x (V or T) adds.
 
-Block sizes are untuned defaults (no GPU was available when this was written: the forward
-and backward were checked only in the interpreter); `benchmarks/kernels.py --gpu` is where
-to tune them.
+Block sizes depend on the operands: bf16/fp16 take the tensor cores, fp32 (and a mixed
+pair, taken to fp32) the "ieee" FMA dot, whose operand tiles live in registers and need a
+narrower H chunk. Both configurations were chosen offline as the ones ptxas compiles for
+sm_90 without register spills (`python -m rlsys.kernels.aot`: registers, shared memory and
+spills of every launch; the defaults before spilled 448-1352 bytes per thread in the
+backward); they are not yet timed on a GPU, `benchmarks/kernels.py --gpu` is where to tune.
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ import triton.language as tl
 from rlsys.kernels.backend import check_launchable
 from rlsys.kernels.triton_common import UPCAST_DOT, dot
 
-BLOCK_T, BLOCK_V, BLOCK_H, NUM_WARPS = 64, 128, 64, 8
+# (BLOCK_T, BLOCK_V, BLOCK_H): bf16/fp16 operands (tensor cores), fp32 or mixed operands.
+TENSOR_CORE_BLOCKS = (64, 128, 32)
+FP32_BLOCKS = (64, 64, 16)
+NUM_WARPS = 8
+BLOCK_T: int | None = None  # set all three to override the table (tests use small tiles)
+BLOCK_V: int | None = None
+BLOCK_H: int | None = None
 SPLITS: int | None = None  # vocabulary splits of the forward; None: ~4 programs per SM
 
 
@@ -133,14 +142,24 @@ def triton_logprob_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernels: (logprob [T], entropy [T]) float32, differentiable.
 
-    blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum); None reads
-    the module constants at call time (tests shrink them to cover partial tiles).
+    blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum); None takes
+    the module's BLOCK_T/V/H when set (tests shrink them to cover partial tiles), else
+    `default_blocks` of the operand dtypes.
     """
     if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         raise TypeError("the Triton path takes float32/bfloat16/float16 inputs, not float64")
     check_launchable(_logprob_fwd_kernel, hidden.device)
-    blocks = blocks or (BLOCK_T, BLOCK_V, BLOCK_H)
+    if blocks is None:
+        given = (BLOCK_T, BLOCK_V, BLOCK_H)
+        blocks = default_blocks(hidden.dtype, weight.dtype) if None in given else given
     return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, blocks)
+
+
+def default_blocks(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> tuple[int, ...]:
+    """The tile sizes for these operand dtypes (see the module docstring)."""
+    low = (torch.bfloat16, torch.float16)
+    tensor_cores = hidden_dtype == weight_dtype and hidden_dtype in low
+    return TENSOR_CORE_BLOCKS if tensor_cores else FP32_BLOCKS
 
 
 def _splits(t_blocks: int, v_blocks: int, device: torch.device) -> int:

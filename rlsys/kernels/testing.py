@@ -3,9 +3,8 @@
 `@triton.jit` picks the interpreter when the kernel module is imported, so the tests run the
 Triton path in a child process with TRITON_INTERPRET=1 (`run_child(..., "interpret")`) and
 count launches there to prove that the kernels, not a fallback, produced the numbers
-(`count_launches`). The interpreter skips code generation, so a second child without it
-compiles every kernel for sm_90 (`compile_sm90`): type errors, constexpr branches, tl.dot
-shape rules and shared-memory budgets are checked on a machine with no GPU.
+(`count_launches`). The interpreter skips code generation: `rlsys.kernels.aot` compiles every
+launch for sm_90 without a GPU (tests/unit/test_kernels_compile.py).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 
 def run_child(script: str | Path, out: Path, mode: str, timeout: float = 600) -> Any:
     """Run `python script out mode` and return torch.load(out). mode "interpret" sets
-    TRITON_INTERPRET=1; mode "compile" unsets it, so that kernels are real JIT functions."""
+    TRITON_INTERPRET=1; any other mode unsets it, so that kernels are real JIT functions."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -54,29 +53,6 @@ def run_child(script: str | Path, out: Path, mode: str, timeout: float = 600) ->
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} run of {script} failed:\n{proc.stderr[-4000:]}")
     return torch.load(out, weights_only=False)
-
-
-H100_SMEM = 232448  # bytes of shared memory one H100 (sm_90) block may use (227 KiB)
-
-
-def compile_sm90(kernel: Any, signature: dict[str, str], constexprs: dict, num_warps: int) -> int:
-    """Compile a @triton.jit kernel for an H100 (sm_90) without a GPU: Triton's front end,
-    the NVIDIA passes and the bundled ptxas all run on the CPU. Returns the shared memory
-    the kernel needs, in bytes. signature maps the non-constexpr arguments to Triton types
-    ("*bf16", "i32", "fp32")."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = {
-        name: "constexpr" if name in constexprs else signature[name] for name in kernel.arg_names
-    }
-    compiled = triton.compile(
-        ASTSource(kernel, sig, constexprs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": num_warps},
-    )
-    return int(compiled.metadata.shared)
 
 
 def count_launches(module: object, names: list[str]) -> Counter:

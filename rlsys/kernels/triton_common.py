@@ -18,8 +18,10 @@ UPCAST_DOT = interpreting()
 def dot(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b with fp32 accumulation. fp32 operands use "ieee" products on the GPU, not
     the tf32 default (10-bit mantissa: ~1e-3 relative error on logits of O(10), which moves
-    log-ratios by ~1e-2); bf16/fp16 operands take the tensor-core path unchanged."""
-    if UPCAST:
+    log-ratios by ~1e-2); bf16/fp16 operands take the tensor-core path unchanged. Operands
+    of two dtypes (bf16 hidden states with an fp32 LM head) are both taken to fp32: tl.dot
+    takes one dtype, and the compiler rejects the pair (the interpreter would not)."""
+    if UPCAST or a.dtype != b.dtype:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if a.dtype == tl.float32:  # decided at compile time
