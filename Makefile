@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := disabled
 export WANDB_SILENT := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv install model quickstart test test-fast test-slow lint format clean
+.PHONY: venv install model quickstart test test-fast test-slow lint format clean gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: install
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Wheels the GPU machine (no network there) needs for benchmarks/gpu_session.sh: carry
+# .cache/wheels with the device tool's run.
+gpu-wheels: install
+	$(BIN)/pip download -q --no-deps -d .cache/wheels liger-kernel==0.8.5
 
 clean:
 	rm -rf $(VENV) .cache runs

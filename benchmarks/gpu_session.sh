@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU check of the issue "Fused kernels" in one call of the device tool, so that a
+# session that is lent a GPU (15 minutes of device time in all) spends it measuring:
+#
+#   make gpu-wheels                          # here: Liger-Kernel's wheel into .cache/wheels
+#   run  command="bash benchmarks/gpu_session.sh"  carry=[".cache/wheels"]  timeout_s=540
+#
+# On the device machine it uses that image's python3 (its torch and triton) and installs
+# nothing but the carried wheels. Steps, each bounded and each run even if one before failed:
+#   1. the machine: GPU, driver, torch / triton versions;
+#   2. the GPU kernel tests (`-m gpu --gpu`: Triton vs the float64 reference at full size);
+#   3. `benchmarks/kernels.py --gpu`: time and peak memory vs the naive torch path, Liger and
+#      SDPA -> benchmarks/results/kernels_gpu.json, kernels.json, kernels_section.md.
+# Everything lands in $OUT (logs and the results files), which comes back with the reply.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-/tmp/rlsys-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR=/tmp/rlsys-triton-cache TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+status=0
+
+echo "== 1. machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if compgen -G ".cache/wheels/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-index --target /tmp/rlsys-wheels .cache/wheels/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/rlsys-wheels"
+fi
+
+echo "== 2. GPU kernel tests"
+timeout 180 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+  tests/unit/test_kernels_logprob.py tests/unit/test_kernels_attention.py \
+  tests/unit/test_kernels_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+echo "== 3. benchmarks/kernels.py --gpu"
+timeout 300 "$PY" benchmarks/kernels.py --gpu 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
+  benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md "$OUT"/ 2>/dev/null
+exit $status
