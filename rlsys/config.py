@@ -632,6 +632,12 @@ def validate(cfg: RecipeConfig) -> None:
             f"model.path: '{cfg.model.path}' is neither a zoo model ({', '.join(ZOO)}) "
             "nor a local Hugging Face folder"
         )
+    if cfg.model.path not in ZOO and not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(
+            f"model.path: '{cfg.model.path}' has no config.json; point it at a Hugging Face "
+            "model folder (config.json, the weights and the tokenizer, as save_pretrained "
+            "writes them)"
+        )
     if cfg.data.task is None and cfg.data.path is None:
         raise ConfigError(
             "data: set either data.task (e.g. arithmetic) or data.path (a JSONL file)"

@@ -88,7 +88,11 @@ def check_supported(model_path: str, name: str | None = None) -> None:
     from rlsys.config import ConfigError
 
     try:
-        LlamaSpec.from_hf_config(AutoConfig.from_pretrained(model_path))
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:  # no or unreadable config.json, unknown model_type
+        raise ConfigError(f"model '{name or model_path}': cannot read its config: {e}") from None
+    try:
+        LlamaSpec.from_hf_config(config)
     except NotImplementedError as e:
         raise ConfigError(
             f"rollout.engine=native cannot run model '{name or model_path}': {e}. Use "

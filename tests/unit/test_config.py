@@ -34,6 +34,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
             "'grop' is not one of grpo, rloo, reinforce_pp, remax, gae. Did you mean 'grpo'?",
         ),
         ("model.path=/no/such/model", "neither a zoo model"),
+        ("model.path=recipes", "'recipes' has no config.json"),  # a folder, not a model
         ("trainer", "is not of the form key=value"),
     ],
 )
