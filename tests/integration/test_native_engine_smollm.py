@@ -8,6 +8,7 @@ import torch
 
 from rlsys.rollout.engine import GenerationRequest, SamplingParams
 from rlsys.rollout.native import NativeEngine
+from rlsys.rollout.testing import reference_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +50,7 @@ def test_greedy_matches_hf_generate(hf, engine, prompts):
         [GenerationRequest(f"g{i}", p, greedy(24)) for i, p in enumerate(prompts)]
     )
     for p, res in zip(prompts, results, strict=True):
-        out = hf.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            max_new_tokens=24,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos[0],
-        )
-        assert res.completions[0].token_ids == out[0, len(p) :].tolist()
+        assert res.completions[0].token_ids == reference_greedy(hf, p, 24, eos)
 
 
 def test_logprobs_match_hf_forward_fp32(hf, engine, prompts):

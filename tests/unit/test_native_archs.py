@@ -12,6 +12,7 @@ import torch
 from rlsys import models
 from rlsys.rollout.engine import GenerationRequest, SamplingParams
 from rlsys.rollout.native import NativeEngine
+from rlsys.rollout.testing import reference_greedy, worst_logprob_gap
 
 TEXTS = [
     "What is 3 + 4?",
@@ -56,28 +57,6 @@ def engine_for(hf, tok, **cfg) -> NativeEngine:
     return NativeEngine.from_hf_model(hf, tok, NativeEngine.Config(max_batch=8, **cfg))
 
 
-@torch.no_grad()
-def hf_logprobs(hf, prompt: list[int], tokens: list[int], temperature: float) -> torch.Tensor:
-    logits = hf(torch.tensor([prompt + tokens])).logits[0].float()
-    lp = torch.log_softmax(logits[len(prompt) - 1 : -1] / temperature, dim=-1)
-    return lp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
-
-
-def worst_logprob_gap(hf, engine: NativeEngine, prompts: list[list[int]]) -> float:
-    """Sample 2 x 24 tokens per prompt at T=0.7 (HF-style sampling of the engine) and return
-    the largest |native - transformers| logprob over every token."""
-    params = SamplingParams(temperature=0.7, seed=3, max_new_tokens=24, ignore_eos=True)
-    reqs = [GenerationRequest(f"r{i}", p, params, n=2) for i, p in enumerate(prompts)]
-    worst = 0.0
-    for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        assert res.error is None
-        for c in res.completions:
-            assert len(c.token_ids) == 24
-            ref = hf_logprobs(hf, req.prompt_ids, c.token_ids, 0.7)
-            worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
-    return worst
-
-
 def test_the_models_have_what_the_engine_must_implement(hf, arch_path):
     """The fixtures are what they claim (random, non-trivial biases and norms), so the
     exactness tests below would fail for a forward that ignored them."""
@@ -97,17 +76,8 @@ def test_greedy_and_logprobs_match_transformers(hf, tok, prompts):
     for i, p in enumerate(prompts):
         req = GenerationRequest(f"g{i}", p, SamplingParams(greedy=True, max_new_tokens=16))
         (res,) = engine.generate([req])
-        out = hf.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            max_new_tokens=16,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )
-        want = out[0, len(p) :].tolist()
-        assert res.completions[0].token_ids == want
-    assert worst_logprob_gap(hf, engine, prompts) < 1e-4
+        assert res.completions[0].token_ids == reference_greedy(hf, p, 16, eos)
+    assert worst_logprob_gap(engine, hf, prompts) < 1e-4
 
 
 def test_weight_update_of_biases_and_norms(hf, tok, prompts, arch_path):
@@ -125,7 +95,7 @@ def test_weight_update_of_biases_and_norms(hf, tok, prompts, arch_path):
     new_hf = AutoModelForCausalLM.from_pretrained(arch_path, dtype=torch.float32).eval()
     new_hf.load_state_dict(new)
     engine.update_weights(new, version=2)
-    assert worst_logprob_gap(new_hf, engine, prompts) < 1e-4
+    assert worst_logprob_gap(engine, new_hf, prompts) < 1e-4
     small = {k: v for k, v in new.items() if k.endswith(".bias") or "_norm." in k}
     per_layer = 3 if hf.config.model_type == "qwen2" else 2  # q/k/v biases | q/k norms
     assert len(small) == per_layer * hf.config.num_hidden_layers
@@ -232,4 +202,4 @@ def test_llama_attention_and_mlp_biases_match_transformers():
     )
     assert engine.spec.num_params == sum(p.numel() for p in hf.parameters())
     prompts = [[5, 17, 42, 99, 7], [250, 3], list(range(20, 60))]
-    assert worst_logprob_gap(hf, engine, prompts) < 1e-4
+    assert worst_logprob_gap(engine, hf, prompts) < 1e-4

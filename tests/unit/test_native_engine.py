@@ -9,6 +9,7 @@ import torch
 from rlsys.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
 from rlsys.rollout.native import NativeEngine
 from rlsys.rollout.sampling import RowParams, sample
+from rlsys.rollout.testing import reference_greedy
 
 TEXTS = [
     "What is 3 + 4?",
@@ -58,15 +59,7 @@ def greedy(max_new: int, **kw) -> SamplingParams:
 
 
 def hf_greedy(hf, prompt: list[int], max_new: int, eos: list[int]) -> list[int]:
-    out = hf.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
+    return reference_greedy(hf, prompt, max_new, eos)
 
 
 @torch.no_grad()
