@@ -7,8 +7,12 @@ bf16 autocast, fused logprobs), same batch, same process:
 
 - padded: `trainer.packing=false`, micro-batches of `--mbs` samples in batch order, each
   right-padded to its longest sample (what a trainer without packing computes);
-- packed: `trainer.packing=true`, samples first-fit-decreasing into rows of
-  `--tokens` tokens, block-diagonal causal attention, no padding.
+- packed, dense mask: `trainer.packing=true`, samples first-fit-decreasing into rows of
+  `--tokens` tokens, attention by transformers' SDPA over the row's dense block-diagonal
+  causal mask (all L x L scores computed; the trainer before 2026-12-01);
+- packed (the trainer now): the same rows on the `rlsys_packed` attention
+  (`rlsys/trainer/attention.py`: each sample attends only to itself; length-grouped batched
+  SDPA on CPU).
 
 tokens/s = real (prompt + response) tokens of the batch / seconds per step, mean of `--steps`
 steps after one warm-up step.
@@ -50,7 +54,7 @@ def make_groups(n_groups: int, n: int, seed: int) -> list:
     return groups
 
 
-def run(packing: bool, args: argparse.Namespace, groups: list) -> dict:
+def run(packing: bool, args: argparse.Namespace, groups: list, dense: bool = False) -> dict:
     import torch
 
     from rlsys import models
@@ -71,6 +75,10 @@ def run(packing: bool, args: argparse.Namespace, groups: list) -> dict:
     )
     torch.set_num_threads(args.threads)
     worker = TrainerWorker(to_dict(cfg), models.resolve(cfg.model.path))
+    if dense:  # stock SDPA: ignores cu_seqlens, attends through the dense mask
+        for m in (worker.model, worker.ref and worker.ref.module.lm):
+            if m is not None:
+                m.set_attn_implementation("sdpa")
     worker.train_step(groups)  # warm-up
     times, mbs = [], 0.0
     for _ in range(args.steps):
@@ -99,12 +107,16 @@ def main() -> None:
         args.groups, args.n, args.steps = 2, 2, 1
     groups = make_groups(args.groups, args.n, args.seed)
     padded = run(False, args, groups)
+    dense = run(True, args, groups, dense=True)
     packed = run(True, args, groups)
     fig = {
         "padded_tok_s": round(padded["tok_s"], 1),
+        "packed_dense_tok_s": round(dense["tok_s"], 1),
         "packed_tok_s": round(packed["tok_s"], 1),
         "speedup": round(packed["tok_s"] / padded["tok_s"], 3),
+        "varlen_over_dense": round(packed["tok_s"] / dense["tok_s"], 3),
         "padded_step_s": round(padded["step_s"], 2),
+        "packed_dense_step_s": round(dense["step_s"], 2),
         "packed_step_s": round(packed["step_s"], 2),
         "padded_micro_batches": padded["micro_batches"],
         "packed_micro_batches": packed["micro_batches"],
@@ -112,10 +124,11 @@ def main() -> None:
         "samples": args.groups * args.n,
         "threads": args.threads,
     }
-    print(f"{'':8} {'tokens/s':>10} {'s/step':>8} {'micro-batches':>14}")
-    for name, r in (("padded", padded), ("packed", packed)):
-        print(f"{name:8} {r['tok_s']:10.1f} {r['step_s']:8.2f} {r['micro_batches']:14.0f}")
+    print(f"{'':20} {'tokens/s':>10} {'s/step':>8} {'micro-batches':>14}")
+    for name, r in (("padded", padded), ("packed, dense mask", dense), ("packed", packed)):
+        print(f"{name:20} {r['tok_s']:10.1f} {r['step_s']:8.2f} {r['micro_batches']:14.0f}")
     print(f"speedup (packed / padded): {fig['speedup']:.2f}x")
+    print(f"packed attention vs the dense mask: {fig['varlen_over_dense']:.2f}x")
     if not args.quick:
         print(f"wrote {write_results('packing', fig)}")
 

@@ -32,6 +32,7 @@ class MicroBatch:
     src_t: torch.Tensor  # [R, L] position in that row (0 where invalid)
     valid: torch.Tensor  # [R, L] bool, False on padding
     samples: list[int]  # batch rows in this micro-batch
+    cu_seqlens: torch.Tensor | None = None  # packed: [n + 1] int32 sample offsets in the row
 
     @property
     def num_tokens(self) -> int:
@@ -126,6 +127,7 @@ def packed_micro_batch(
         src_t[None],
         valid,
         list(rows),
+        torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32),
     )
 
 

@@ -170,11 +170,12 @@ class PrefillPlan:
 def plan_prefill(seqs: list[list[int]], rows: list[list[int]], device: torch.device) -> PrefillPlan:
     """Pack `seqs` for one prefill pass; sequence i's KV goes to every slot in `rows[i]`.
 
-    Attention runs on padded groups of similar length: sequences sorted by length join a group
-    while its padded size stays <= 1.5x its real tokens, so one long prompt does not make 63
-    short ones pay for its length (padded causal attention is O(count * pad_len^2)).
+    Attention runs on padded groups of similar length (`kernels.attention.length_groups`:
+    sorted by length, a group's padded size <= 1.5x its real tokens), so one long prompt does
+    not make 63 short ones pay for its length (padded causal attention is O(count * pad_len^2)).
     """
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    from rlsys.kernels.attention import length_groups
+
     ids: list[int] = []
     pos: list[int] = []
     last = [0] * len(seqs)
@@ -182,40 +183,26 @@ def plan_prefill(seqs: list[list[int]], rows: list[list[int]], device: torch.dev
     w_pos: list[int] = []
     w_src: list[int] = []
     groups: list[tuple[int, int, int, int, torch.Tensor | None]] = []
-    g_members: list[int] = []
-
-    def close_group() -> None:
-        if not g_members:
-            return
-        lens = [len(seqs[i]) for i in g_members]
+    for members in length_groups([len(x) for x in seqs]):
+        group_start = len(ids)
+        for i in members:
+            n = len(seqs[i])
+            start = len(ids)
+            ids.extend(seqs[i])
+            pos.extend(range(n))
+            last[i] = start + n - 1
+            for r in rows[i]:
+                w_rows.extend([r] * n)
+                w_pos.extend(range(n))
+                w_src.extend(range(start, start + n))
+        lens = [len(seqs[i]) for i in members]
         pad_len, count = lens[0], len(lens)
-        end = len(ids)
-        start = end - sum(lens)
         index = None
         if any(n != pad_len for n in lens):
             index = torch.tensor(
                 [k * pad_len + t for k, n in enumerate(lens) for t in range(n)], device=device
             )
-        groups.append((start, end, count, pad_len, index))
-        g_members.clear()
-
-    g_real = 0
-    for i in order:
-        n = len(seqs[i])
-        if g_members and (len(g_members) + 1) * len(seqs[g_members[0]]) > 1.5 * (g_real + n):
-            close_group()
-            g_real = 0
-        g_members.append(i)
-        g_real += n
-        start = len(ids)
-        ids.extend(seqs[i])
-        pos.extend(range(n))
-        last[i] = start + n - 1
-        for r in rows[i]:
-            w_rows.extend([r] * n)
-            w_pos.extend(range(n))
-            w_src.extend(range(start, start + n))
-    close_group()
+        groups.append((group_start, len(ids), count, pad_len, index))
 
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=device)

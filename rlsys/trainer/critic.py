@@ -15,7 +15,9 @@ class Critic(nn.Module):
         super().__init__()
         from transformers import AutoModel
 
-        self.backbone = AutoModel.from_pretrained(model_path, dtype=dtype)
+        from rlsys.trainer.attention import use_packed_attention
+
+        self.backbone = use_packed_attention(AutoModel.from_pretrained(model_path, dtype=dtype))
         self.backbone.config.use_cache = False
         self.backbone.train()
         hidden = self.backbone.config.hidden_size
@@ -29,12 +31,18 @@ class Critic(nn.Module):
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Values [B, L] at response positions (0 elsewhere); masks as in `token_logprobs`."""
+        from rlsys.trainer.attention import varlen_kwargs
+
         if position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         h = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **varlen_kwargs(cu_seqlens),
         ).last_hidden_state
         v = self.head(h).squeeze(-1).float()  # [B, L]: value of the state after token l
         out = torch.zeros_like(v)

@@ -20,16 +20,24 @@ def token_logprobs(
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
     fused: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
     `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
     (then `position_ids` must restart per sample). `fused` computes the LM head, log-softmax
     and entropy chunk by chunk (`rlsys.kernels.fused_logprob_entropy`: Triton on GPU, chunked
-    torch on CPU), never holding the [N, V] logits; entropy then carries a gradient too."""
+    torch on CPU), never holding the [N, V] logits; entropy then carries a gradient too.
+    `cu_seqlens` (packed rows): the samples' offsets, for a model on the `rlsys_packed`
+    attention (`trainer/attention.py`), which then ignores the dense mask."""
+    from rlsys.trainer.attention import varlen_kwargs
+
     if position_ids is None:
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **varlen_kwargs(cu_seqlens),
     ).last_hidden_state  # [B, L, H]
     sel = response_mask[:, 1:] > 0  # next token is a response token
     h = hidden[:, :-1][sel]  # [N, H]
@@ -79,6 +87,7 @@ class TokenLogprobs(nn.Module):
         attention_mask: torch.Tensor,
         response_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return token_logprobs(
             self.lm,
@@ -88,4 +97,5 @@ class TokenLogprobs(nn.Module):
             self.temperature,
             position_ids,
             self.fused,
+            cu_seqlens,
         )

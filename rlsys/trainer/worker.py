@@ -24,6 +24,7 @@ from rlsys.buffer.packing import MicroBatch, rank_micro_batches
 from rlsys.config import RecipeConfig, from_dict
 from rlsys.rollout.worker import setup_actor_process
 from rlsys.trainer.algorithm import split_groups, token_advantages
+from rlsys.trainer.attention import use_packed_attention
 from rlsys.trainer.critic import Critic
 from rlsys.trainer.engine import TrainEngine, effective_stage, free_port, init_distributed
 from rlsys.trainer.logprobs import TokenLogprobs
@@ -66,7 +67,7 @@ class TrainerWorker:
         dtype = getattr(torch, self.cfg.model.dtype)
         al, t = self.cfg.algorithm, self.cfg.trainer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = use_packed_attention(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
         model.config.use_cache = False
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
@@ -82,7 +83,9 @@ class TrainerWorker:
             ref_dtype = (
                 torch.bfloat16 if t.autocast_bf16 and effective_stage(t, world_size) < 3 else dtype
             )
-            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
+            ref = use_packed_attention(
+                AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
+            )
             self.ref = TrainEngine(TokenLogprobs(ref, temp, fused), t, None, prefix="lm.")
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
         self.critic = None
@@ -162,12 +165,14 @@ class TrainerWorker:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logp, entropy) [b, l] of `engine`'s model (policy or reference) on a micro-batch."""
         with self._autocast():
-            return engine(mb.input_ids, mb.attention_mask, resp, mb.position_ids)
+            return engine(mb.input_ids, mb.attention_mask, resp, mb.position_ids, mb.cu_seqlens)
 
     def _values(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
         assert self.critic is not None
         with self._autocast():
-            return self.critic(mb.input_ids, mb.attention_mask, resp, mb.position_ids)
+            return self.critic(
+                mb.input_ids, mb.attention_mask, resp, mb.position_ids, mb.cu_seqlens
+            )
 
     @torch.no_grad()
     def _full_pass(self, fn: Callable, batch: TrainBatch) -> torch.Tensor:
