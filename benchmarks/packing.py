@@ -7,10 +7,11 @@ bf16 autocast, fused logprobs), same batch, same process:
 
 - padded: `trainer.packing=false`, micro-batches of `--mbs` samples in batch order, each
   right-padded to its longest sample (what a trainer without packing computes);
-- packed, dense mask: `trainer.packing=true`, samples first-fit-decreasing into rows of
-  `--tokens` tokens, attention by transformers' SDPA over the row's dense block-diagonal
-  causal mask (all L x L scores computed; the trainer before 2026-12-01);
-- packed (the trainer now): the same rows on the `rlsys_packed` attention
+- packed, dense mask: `trainer.packing=true trainer.packed_attention=false`, samples
+  first-fit-decreasing into rows of `--tokens` tokens, attention by transformers' SDPA over
+  the row's dense block-diagonal causal mask (all L x L scores computed; the trainer before
+  2026-12-01);
+- packed (the default now): the same rows on the `rlsys_packed` attention
   (`rlsys/trainer/attention.py`: each sample attends only to itself; length-grouped batched
   SDPA on CPU).
 
@@ -71,14 +72,11 @@ def run(packing: bool, args: argparse.Namespace, groups: list, dense: bool = Fal
             "trainer.lr=1e-6",
             f"rollout.n_samples_per_prompt={len(groups[0].samples)}",
             f"rollout.prompts_per_step={len(groups)}",
+            f"trainer.packed_attention={str(not dense).lower()}",
         ],
     )
     torch.set_num_threads(args.threads)
     worker = TrainerWorker(to_dict(cfg), models.resolve(cfg.model.path))
-    if dense:  # stock SDPA: ignores cu_seqlens, attends through the dense mask
-        for m in (worker.model, worker.ref and worker.ref.module.lm):
-            if m is not None:
-                m.set_attn_implementation("sdpa")
     worker.train_step(groups)  # warm-up
     times, mbs = [], 0.0
     for _ in range(args.steps):

@@ -213,6 +213,10 @@ class TrainerConfig:
     attention) instead of padded micro-batches of `micro_batch_size`."""
     micro_batch_tokens: int = 2048
     """Token budget of one packed micro-batch."""
+    packed_attention: bool = True
+    """Packed rows: attend inside each sample only (`trainer/attention.py`: Triton varlen
+    kernel on GPU, length-grouped SDPA on CPU); false: transformers' SDPA over the row's dense
+    block-diagonal mask (same result, all L x L scores computed)."""
     fused_logprob: bool = True
     """Fused LM-head + log-softmax + entropy (never materialises [tokens x vocab] logits)."""
     autocast_bf16: bool = True

@@ -11,13 +11,17 @@ from torch import nn
 
 
 class Critic(nn.Module):
-    def __init__(self, model_path: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model_path: str, dtype: torch.dtype = torch.float32, packed_attention: bool = True
+    ) -> None:
         super().__init__()
         from transformers import AutoModel
 
         from rlsys.trainer.attention import use_packed_attention
 
-        self.backbone = use_packed_attention(AutoModel.from_pretrained(model_path, dtype=dtype))
+        self.backbone = AutoModel.from_pretrained(model_path, dtype=dtype)
+        if packed_attention:  # trainer.packed_attention
+            use_packed_attention(self.backbone)
         self.backbone.config.use_cache = False
         self.backbone.train()
         hidden = self.backbone.config.hidden_size

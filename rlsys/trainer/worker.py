@@ -67,7 +67,8 @@ class TrainerWorker:
         dtype = getattr(torch, self.cfg.model.dtype)
         al, t = self.cfg.algorithm, self.cfg.trainer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = use_packed_attention(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
+        varlen = use_packed_attention if t.packed_attention else (lambda m: m)
+        model = varlen(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
         model.config.use_cache = False
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
@@ -83,14 +84,12 @@ class TrainerWorker:
             ref_dtype = (
                 torch.bfloat16 if t.autocast_bf16 and effective_stage(t, world_size) < 3 else dtype
             )
-            ref = use_packed_attention(
-                AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
-            )
+            ref = varlen(AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype))
             self.ref = TrainEngine(TokenLogprobs(ref, temp, fused), t, None, prefix="lm.")
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
         self.critic = None
         if al.advantage == "gae":
-            critic = Critic(critic_path or model_path, dtype)
+            critic = Critic(critic_path or model_path, dtype, t.packed_attention)
             if t.gradient_checkpointing:
                 critic.backbone.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs=_NO_REENTRANT
