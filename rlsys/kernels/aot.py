@@ -30,7 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -221,7 +221,7 @@ def describe(launch: Launch) -> str:
     return f"{launch.name}[{','.join(ptrs)}; {cs}; warps={launch.options.get('num_warps', 4)}]"
 
 
-def report(arch: int, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def report(arch: int) -> list[dict[str, Any]]:
     """Compile every distinct trainer launch for sm_`arch`: one row per binary."""
     rows, seen = [], set()
     for launch in trainer_launches():
@@ -229,8 +229,6 @@ def report(arch: int, progress: Callable[[str], None] | None = None) -> list[dic
             continue
         seen.add(launch.key())
         label = describe(launch)
-        if progress:
-            progress(label)
         try:
             row = {"kernel": label, "ok": True, **compile_launch(launch, arch)}
         except Exception as e:  # noqa: BLE001 - a compile error is the finding

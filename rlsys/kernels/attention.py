@@ -99,9 +99,11 @@ def grouped_attention(
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     pad_row = n_tok  # index of an all-zero row appended to q, k, v
     qz, kz, vz = (F.pad(x, (0, 0, 0, 0, 0, 1)) for x in (q, k, v))
+    dt_sdpa = _attention_dtype(q)
+    upcast_short = q.device.type == "cpu" and dt_sdpa != torch.float32
     parts, order = [], []
-    for group in length_groups([int(n) for n in lengths]):
-        width = int(lengths[group[0]])
+    for group in length_groups(lengths):
+        width = lengths[group[0]]
         if width == 0:
             continue
         index = torch.full((len(group), width), pad_row, dtype=torch.long)
@@ -109,9 +111,7 @@ def grouped_attention(
             index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
         index = index.to(q.device)
         valid = index != pad_row
-        lowp = q.dtype != torch.float32 or torch.is_autocast_enabled(q.device.type)
-        up = q.device.type == "cpu" and lowp and width < CPU_LOWP_MIN_LEN
-        dt = torch.float32 if up else _attention_dtype(q)
+        dt = torch.float32 if upcast_short and width < CPU_LOWP_MIN_LEN else dt_sdpa
         qg, kg, vg = (x[index].transpose(1, 2).to(dt) for x in (qz, kz, vz))  # [c, H, P, D]
         mask = None if causal else valid[:, None, None, :]
         with torch.autocast(q.device.type, enabled=False):  # autocast would recast to bf16

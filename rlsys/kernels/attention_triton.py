@@ -34,7 +34,8 @@ from rlsys.kernels.triton_common import UPCAST_DOT, dot
 # register spills (`python -m rlsys.kernels.aot`; 64 x 64 with 4 warps spilled 160 bytes per
 # thread in the dK/dV backward at D=64 and 600-1300 in all three kernels at D=128). Not yet
 # timed on a GPU.
-BLOCKS_BY_HEAD_DIM = {64: (64, 64), 128: (64, 32)}  # D <= key; larger D takes the last
+BLOCKS_HEAD_DIM_64 = (64, 64)  # head_dim <= 64
+BLOCKS_WIDER = (64, 32)  # head_dim > 64 (measured at 128)
 NUM_WARPS = 8
 BLOCK_M: int | None = None  # set both to override the table (tests use small tiles)
 BLOCK_N: int | None = None
@@ -42,10 +43,7 @@ BLOCK_N: int | None = None
 
 def default_blocks(head_dim: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for queries/keys of `head_dim`."""
-    for d, blocks in sorted(BLOCKS_BY_HEAD_DIM.items()):
-        if head_dim <= d:
-            return blocks
-    return BLOCKS_BY_HEAD_DIM[max(BLOCKS_BY_HEAD_DIM)]
+    return BLOCKS_HEAD_DIM_64 if head_dim <= 64 else BLOCKS_WIDER
 
 
 LOG2E = 1.4426950408889634

@@ -67,8 +67,9 @@ class TrainerWorker:
         dtype = getattr(torch, self.cfg.model.dtype)
         al, t = self.cfg.algorithm, self.cfg.trainer
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        varlen = use_packed_attention if t.packed_attention else (lambda m: m)
-        model = varlen(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if t.packed_attention:
+            use_packed_attention(model)
         model.config.use_cache = False
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
@@ -84,7 +85,9 @@ class TrainerWorker:
             ref_dtype = (
                 torch.bfloat16 if t.autocast_bf16 and effective_stage(t, world_size) < 3 else dtype
             )
-            ref = varlen(AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype))
+            ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
+            if t.packed_attention:
+                use_packed_attention(ref)
             self.ref = TrainEngine(TokenLogprobs(ref, temp, fused), t, None, prefix="lm.")
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
         self.critic = None

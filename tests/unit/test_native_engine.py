@@ -58,10 +58,6 @@ def greedy(max_new: int, **kw) -> SamplingParams:
     return SamplingParams(greedy=True, max_new_tokens=max_new, **kw)
 
 
-def hf_greedy(hf, prompt: list[int], max_new: int, eos: list[int]) -> list[int]:
-    return reference_greedy(hf, prompt, max_new, eos)
-
-
 @torch.no_grad()
 def hf_logprobs(hf, prompt: list[int], tokens: list[int], temperature: float) -> torch.Tensor:
     logits = hf(torch.tensor([prompt + tokens])).logits[0].float()
@@ -77,7 +73,7 @@ def test_greedy_matches_hf_generate(hf, engine, prompts):
     eos = sorted(engine.eos_token_ids)
     reqs = [GenerationRequest(f"r{i}", p, greedy(12 + 4 * i)) for i, p in enumerate(prompts)]
     for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        want = hf_greedy(hf, req.prompt_ids, req.params.max_new_tokens, eos)
+        want = reference_greedy(hf, req.prompt_ids, req.params.max_new_tokens, eos)
         assert res.error is None and res.completions[0].token_ids == want
         assert res.completions[0].finish_reason == ("stop" if want[-1] in eos else "length")
 
@@ -96,7 +92,7 @@ def test_logprobs_match_hf_forward(hf, engine, prompts):
 
 def test_group_shares_prefill_and_samples_differ(hf, engine, prompts):
     res = engine.generate([GenerationRequest("g", prompts[2], greedy(10), n=4)])[0]
-    want = hf_greedy(hf, prompts[2], 10, sorted(engine.eos_token_ids))
+    want = reference_greedy(hf, prompts[2], 10, sorted(engine.eos_token_ids))
     assert [c.token_ids for c in res.completions] == [want] * 4
     sampled = SamplingParams(temperature=1.0, seed=5, max_new_tokens=10)
     res = engine.generate([GenerationRequest("s", prompts[2], sampled, n=4)])[0]
@@ -192,7 +188,7 @@ def test_update_weights_in_place(hf, engine, prompts, tiny_model_path):
     )
     after = engine.generate([GenerationRequest("a", prompts[3], greedy(16))])[0]
     assert after.version == 3 and set(after.completions[0].versions) == {3}
-    assert after.completions[0].token_ids == hf_greedy(new_hf, prompts[3], 16, eos)
+    assert after.completions[0].token_ids == reference_greedy(new_hf, prompts[3], 16, eos)
     assert after.completions[0].token_ids != before.completions[0].token_ids
 
 
