@@ -21,6 +21,13 @@ The backward recomputes z chunk by chunk from (h, W, lse, E), so the saved state
 Backends: Triton (`logprob_triton.py`, CUDA or TRITON_INTERPRET=1) and a chunked torch path
 here (CPU). Both accumulate in float32 whatever the input dtype (bf16 allowed); gradients come
 back in the inputs' dtypes.
+
+GEMM operands follow autocast: under bf16 autocast (the trainer's default) the operands of
+every tile GEMM (h, W, and dz in the backward) are rounded to bf16, as autocast does for the
+naive path's `lm_head` linear, but products are accumulated and the logits kept in fp32 (the
+naive path also rounds its logits to bf16). On CPU that is oneDNN's bf16 math mode for fp32
+matmuls (AMX: 3-5x the fp32 GEMM rate here), on GPU Triton's bf16 tensor-core dot. bf16
+inputs take the same GEMMs outside autocast (rounding them is a no-op).
 """
 
 from __future__ import annotations
@@ -52,14 +59,31 @@ def fused_logprob_entropy(
 
     hidden [T, H] float32/bfloat16, weight [V, H], targets [T] int -> (logprob [T] float32,
     entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
-    (Triton on CUDA, chunked torch on CPU), "triton" or "torch".
+    (Triton on CUDA, chunked torch on CPU), "triton" or "torch". Under autocast the GEMM
+    operands are rounded to its dtype (module docstring).
     """
     _check(hidden, weight, targets, temperature)
+    lowp = operand_dtype(hidden, weight)
     if resolve(backend, hidden.device) == "triton":
         from rlsys.kernels.logprob_triton import triton_logprob_entropy
 
+        if lowp is not None:  # differentiable casts: gradients come back in fp32
+            hidden, weight = hidden.to(lowp), weight.to(lowp)
         return triton_logprob_entropy(hidden, weight, targets, temperature)
-    return chunked_logprob_entropy(hidden, weight, targets, temperature)
+    return chunked_logprob_entropy(hidden, weight, targets, temperature, lowp=lowp)
+
+
+def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype the GEMM operands are rounded to: autocast's (bf16/fp16) when it is on for
+    this device, bf16 when both inputs are bf16, else None (fp32 / fp64 GEMMs)."""
+    if torch.float64 in (hidden.dtype, weight.dtype):
+        return None
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if hidden.dtype == weight.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 def chunked_logprob_entropy(
@@ -69,9 +93,13 @@ def chunked_logprob_entropy(
     temperature: float = 1.0,
     chunk_t: int = CHUNK_T,
     chunk_v: int = CHUNK_V,
+    lowp: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch path: peak extra memory O(chunk_t x chunk_v + chunk_v x H + T x H)."""
-    return _ChunkedLogprobEntropy.apply(hidden, weight, targets, temperature, chunk_t, chunk_v)
+    """The torch path: peak extra memory O(chunk_t x chunk_v + chunk_v x H + T x H).
+    `lowp`: round the GEMM operands to this dtype (fp32 accumulation), see `operand_dtype`."""
+    return _ChunkedLogprobEntropy.apply(
+        hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
+    )
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, tau: float) -> None:
@@ -96,54 +124,100 @@ def _target_cols(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor,
     return inside, (targets - v0).clamp(0, v1 - v0 - 1)
 
 
+class _Gemms:
+    """The tile GEMMs' precision. With `lowp`, `round` rounds h and W to it (once per call /
+    vocabulary chunk), so the logits are those of bf16 operands with fp32 accumulation on any
+    CPU; where oneDNN has bf16 matmuls (AVX512-BF16 / AMX) the fp32 GEMMs also run in its
+    bf16 math mode (operands converted inside the GEMM, fp32 accumulation and output): for
+    the rounded h and W that changes no value, only the speed, and the backward's dz, left in
+    fp32, is rounded too where torch routes the GEMM to oneDNN (at the trainer's sizes it
+    does; some small or skinny shapes go elsewhere and keep it in fp32)."""
+
+    def __init__(self, lowp: torch.dtype | None, device: torch.device) -> None:
+        self.lowp = lowp
+        self.onednn = (
+            lowp == torch.bfloat16
+            and device.type == "cpu"
+            and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+        self._saved: str | None = None
+
+    def round(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.lowp is None else x.to(self.lowp).to(x.dtype)
+
+    def __enter__(self) -> _Gemms:
+        if self.onednn:
+            self._saved = torch.backends.mkldnn.matmul.fp32_precision
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.onednn:
+            torch.backends.mkldnn.matmul.fp32_precision = self._saved
+
+
+def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view at the start of a flat buffer (reused across tiles: a
+    fresh 32 MiB tile costs its page faults every time, ~as much as its bf16 GEMM)."""
+    return buf[: rows * cols].view(rows, cols)
+
+
 class _ChunkedLogprobEntropy(torch.autograd.Function):
     """Vocabulary chunks outside (each weight chunk is cast to fp32 once), token chunks inside;
     the backward recomputes each logits tile instead of saving it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v):
-        # the trainer calls this under bf16 autocast: keep the tile GEMMs in fp32 anyway
+    def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp):
+        # autocast would recast the tiles' GEMMs to bf16 outputs: `_Gemms` does it instead
         with torch.autocast(hidden.device.type, enabled=False):
             return _ChunkedLogprobEntropy._forward(
-                ctx, hidden, weight, targets, temperature, chunk_t, chunk_v
+                ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
             )
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         with torch.autocast(ctx.device_type, enabled=False):
-            return _ChunkedLogprobEntropy._backward(ctx, g_lp, g_ent)
+            return (*_ChunkedLogprobEntropy._backward(ctx, g_lp, g_ent), None)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v):
+    def _forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp):
         dt = compute_dtype(hidden, weight)
+        gemms = _Gemms(lowp, hidden.device)
         t_len, v_len = hidden.shape[0], weight.shape[0]
         inv_tau = 1.0 / temperature
-        h = hidden.detach().to(dt)  # [T, H]; a copy only for bf16 inputs
+        h = gemms.round(hidden.detach().to(dt))  # [T, H]; a copy only for bf16 inputs
         y = targets.long()
         m = torch.full((t_len,), NEG, dtype=dt, device=h.device)
         s = torch.zeros_like(m)
         u = torch.zeros_like(m)
         zy = torch.zeros_like(m)
-        for v0, v1 in _spans(v_len, chunk_v):
-            w = weight.detach()[v0:v1].to(dt)  # [Cv, H]
-            for t0, t1 in _spans(t_len, chunk_t):
-                z = torch.mm(h[t0:t1], w.T).mul_(inv_tau)  # [Ct, Cv]
-                inside, col = _target_cols(y[t0:t1], v0, v1)
-                zy[t0:t1] += torch.where(inside, z.gather(1, col[:, None]).squeeze(1), 0.0)
-                m_old = m[t0:t1]
-                m_new = torch.maximum(m_old, z.amax(1))
-                alpha = torch.exp(m_old - m_new)
-                z.sub_(m_new[:, None])  # z - m'
-                e = torch.exp(z)
-                u[t0:t1] = alpha * (u[t0:t1] + (m_old - m_new) * s[t0:t1]) + (e * z).sum(1)
-                s[t0:t1] = alpha * s[t0:t1] + e.sum(1)
-                m[t0:t1] = m_new
+        size = min(chunk_t, t_len) * min(chunk_v, v_len)
+        z_buf, e_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
+        with gemms:
+            for v0, v1 in _spans(v_len, chunk_v):
+                w = gemms.round(weight.detach()[v0:v1].to(dt))  # [Cv, H]
+                for t0, t1 in _spans(t_len, chunk_t):
+                    z = torch.mm(h[t0:t1], w.T, out=_tile(z_buf, t1 - t0, v1 - v0))
+                    z.mul_(inv_tau)  # [Ct, Cv]
+                    inside, col = _target_cols(y[t0:t1], v0, v1)
+                    zy[t0:t1] += torch.where(inside, z.gather(1, col[:, None]).squeeze(1), 0.0)
+                    m_old = m[t0:t1]
+                    m_new = torch.maximum(m_old, z.amax(1))
+                    alpha = torch.exp(m_old - m_new)
+                    z.sub_(m_new[:, None])  # z - m'
+                    e = torch.exp(z, out=_tile(e_buf, t1 - t0, v1 - v0))
+                    s_add = e.sum(1)
+                    u_add = e.mul_(z).sum(1)
+                    u[t0:t1] = alpha * (u[t0:t1] + (m_old - m_new) * s[t0:t1]) + u_add
+                    s[t0:t1] = alpha * s[t0:t1] + s_add
+                    m[t0:t1] = m_new
         log_s = torch.log(s)
         lse = m + log_s
         entropy = log_s - u / s
         logprob = zy - lse
         ctx.save_for_backward(hidden, weight, targets, lse, lse - entropy)
-        ctx.inv_tau, ctx.chunk_t, ctx.chunk_v = inv_tau, chunk_t, chunk_v
+        ctx.inv_tau, ctx.chunk_t, ctx.chunk_v, ctx.lowp = inv_tau, chunk_t, chunk_v, lowp
         ctx.device_type = hidden.device.type
         return logprob, entropy
 
@@ -154,30 +228,45 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         if not (need_h or need_w):
             return None, None, None, None, None, None
         dt = lse.dtype
+        gemms = _Gemms(ctx.lowp, hidden.device)
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(dt)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(dt)
         inv_tau, t_len, v_len = ctx.inv_tau, hidden.shape[0], weight.shape[0]
-        h = hidden.to(dt)
+        h = gemms.round(hidden.to(dt))
         y = targets.long()
         dh = torch.zeros_like(h) if need_h else None  # fp32 accumulator over vocab chunks
-        dw = torch.empty_like(weight) if need_w else None
-        for v0, v1 in _spans(v_len, ctx.chunk_v):
-            w = weight[v0:v1].to(dt)
-            dw_c = torch.zeros_like(w) if need_w else None
-            for t0, t1 in _spans(t_len, ctx.chunk_t):
-                z = torch.mm(h[t0:t1], w.T).mul_(inv_tau)
-                p = (z - lse[t0:t1, None]).exp_()
-                # dz = -p (g_lp + g_H (z - E)), built in z's buffer to keep two tiles live
-                dz = z.sub_(ez[t0:t1, None]).mul_(g_ent[t0:t1, None])
-                dz = dz.add_(g_lp[t0:t1, None]).mul_(p).neg_()
-                del p
-                inside, col = _target_cols(y[t0:t1], v0, v1)
-                dz.scatter_add_(1, col[:, None], torch.where(inside, g_lp[t0:t1], 0.0)[:, None])
-                dz.mul_(inv_tau)
-                if need_h:
-                    dh[t0:t1].addmm_(dz, w)
+        # fp32 weights: each chunk's gradient accumulates in place in dw's rows
+        dw = (
+            (torch.zeros if weight.dtype == dt else torch.empty)(
+                weight.shape, dtype=weight.dtype, device=weight.device
+            )
+            if need_w
+            else None
+        )
+        size = min(ctx.chunk_t, t_len) * min(ctx.chunk_v, v_len)
+        z_buf, p_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
+        with gemms:
+            for v0, v1 in _spans(v_len, ctx.chunk_v):
+                w = gemms.round(weight[v0:v1].to(dt))
+                dw_c = None
                 if need_w:
-                    dw_c.addmm_(dz.T, h[t0:t1])
-            if need_w:
-                dw[v0:v1] = dw_c
+                    dw_c = dw[v0:v1] if dw.dtype == dt else torch.zeros_like(w)
+                for t0, t1 in _spans(t_len, ctx.chunk_t):
+                    z = torch.mm(h[t0:t1], w.T, out=_tile(z_buf, t1 - t0, v1 - v0))
+                    z.mul_(inv_tau)
+                    p = torch.sub(z, lse[t0:t1, None], out=_tile(p_buf, t1 - t0, v1 - v0))
+                    p.exp_()
+                    # dz = -p (g_lp + g_H (z - E)), built in z's buffer to keep two tiles live
+                    dz = z.sub_(ez[t0:t1, None]).mul_(g_ent[t0:t1, None])
+                    dz = dz.add_(g_lp[t0:t1, None]).mul_(p).neg_()
+                    inside, col = _target_cols(y[t0:t1], v0, v1)
+                    g_y = torch.where(inside, g_lp[t0:t1], 0.0)[:, None]
+                    dz.scatter_add_(1, col[:, None], g_y)
+                    dz.mul_(inv_tau)
+                    if need_h:
+                        dh[t0:t1].addmm_(dz, w)
+                    if need_w:
+                        dw_c.addmm_(dz.T, h[t0:t1])
+                if need_w and dw.dtype != dt:
+                    dw[v0:v1] = dw_c
         return (dh.to(hidden.dtype) if need_h else None), dw, None, None, None, None

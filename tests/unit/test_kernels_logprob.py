@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rlsys.kernels import fused_logprob_entropy
-from rlsys.kernels.logprob import chunked_logprob_entropy
+from rlsys.kernels.logprob import chunked_logprob_entropy, operand_dtype
 from rlsys.kernels.reference import logprob_entropy_ref
 from rlsys.kernels.testing import assert_close, run_child
 
@@ -151,13 +151,57 @@ def test_chunked_full_size_against_float64() -> None:
     check(got, reference(inp, case.tau), case.dtype, "chunked full size")
 
 
-def test_chunked_ignores_bf16_autocast() -> None:
-    # the trainer runs the model under bf16 autocast; the tile GEMMs must stay fp32
-    case = Case("autocast", 37, 40, 300, tau=0.7)
-    inp = make_inputs(case)
+def _bf16_operands(inp: dict) -> dict:
+    """The inputs with hidden and weight rounded to bf16 (what autocast does to a GEMM's
+    operands), back in fp32."""
+    return {**inp, **{k: inp[k].bfloat16().float() for k in ("hidden", "weight")}}
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn_bf16_mode", "explicit_rounding"])
+@pytest.mark.parametrize(
+    "case",
+    [Case("autocast", 37, 40, 300, tau=0.7), Case("autocast_full", 256, 576, 49152, tau=0.9)],
+    ids=lambda c: c.name,
+)
+def test_chunked_under_bf16_autocast_rounds_operands_only(monkeypatch, case, onednn) -> None:
+    # The trainer runs the model under bf16 autocast: the tile GEMMs take bf16-rounded h and W
+    # (as autocast's lm_head linear would) but accumulate, and keep the logits, in fp32. So
+    # the outputs equal the float64 reference *on the rounded inputs* to fp32 accuracy, and
+    # not the reference on the raw inputs (rounding moves them ~1e-3 relative). Gradients:
+    # dz goes to the gradient GEMMs in fp32, which oneDNN's bf16 mode rounds to bf16 where
+    # torch routes the GEMM to it (unit roundoff 2^-9; measured 2e-3 relative at H=40, 3e-3
+    # at H=576) -> 1e-2. Both the oneDNN bf16 math mode (this CPU)
+    # and the explicit rounding (a CPU without bf16 matmuls) must give these numbers.
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    elif not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.fail("this CPU has no oneDNN bf16 matmul; the fast path is untested here")
+    inp = make_inputs(case, seed=2)
+
+    def small_chunks(h, w, y, tau):  # partial chunks on both axes
+        return chunked_logprob_entropy(h, w, y, tau, 16, 64, lowp=operand_dtype(h, w))
+
+    fn = small_chunks if case.v < 1000 else fused_logprob_entropy
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = forward_backward(inp, case.tau, fused_logprob_entropy)
-    check(got, reference(inp, case.tau), case.dtype, "chunked under autocast")
+        got = forward_backward(inp, case.tau, fn)
+    want = reference(_bf16_operands(inp), case.tau)
+    raw = reference(inp, case.tau)
+    for key in ("lp", "ent"):
+        assert got[key].dtype == torch.float32
+        assert_close(got[key], want[key], TOL_OUT[torch.float32], f"autocast {key}")
+        gap = (raw[key] - want[key]).abs().max() / want[key].abs().max()
+        assert gap > 20 * TOL_OUT[torch.float32], f"{key}: rounding had no effect ({gap:.1e})"
+    for key in ("dh", "dw"):
+        assert got[key].dtype == torch.float32, "gradients in the inputs' dtype"
+        assert_close(got[key], want[key], 1e-2, f"autocast {key}")
+
+
+def test_autocast_leaves_fp32_math_mode_as_it_was() -> None:
+    inp = make_inputs(Case("mode", 5, 16, 50))
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        forward_backward(inp, 1.0, fused_logprob_entropy)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
 def test_chunked_saves_no_logits() -> None:
