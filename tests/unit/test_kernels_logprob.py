@@ -95,7 +95,7 @@ def triton_run(tmp_path_factory) -> dict:
 
 
 def test_triton_kernels_ran_interpreted(triton_run) -> None:
-    n = len(TRITON_CASES)
+    n = len(TRITON_CASES) + 1  # + the autocast case
     assert triton_run["launches"] == {"_logprob_fwd_kernel": n, "_logprob_bwd_kernel": n}
 
 
@@ -103,6 +103,23 @@ def test_triton_kernels_ran_interpreted(triton_run) -> None:
 def test_triton_matches_reference(triton_run, case: Case) -> None:
     got = triton_run["results"][case.name]
     check(got, reference(make_inputs(case), case.tau), case.dtype, f"triton {case.name}")
+
+
+def test_triton_under_bf16_autocast_takes_bf16_operands(triton_run) -> None:
+    # fp32 inputs under bf16 autocast reach the kernel as bf16 (tensor cores on a GPU): the
+    # outputs are the float64 reference's on bf16-rounded h and W, gradients come back fp32
+    # (the kernel's bf16 dz and bf16 gradients: 1e-2, as the bf16 case)
+    got = triton_run["results"]["autocast"]
+    inp = make_inputs(TRITON_AUTOCAST, seed=2)
+    want = reference(_bf16_operands(inp), TRITON_AUTOCAST.tau)
+    for key in ("lp", "ent"):
+        assert_close(got[key], want[key], TOL_OUT[torch.float32], f"triton autocast {key}")
+    for key in ("dh", "dw"):
+        assert got[key].dtype == torch.float32
+        assert_close(got[key], want[key], TOL_GRAD[torch.bfloat16], f"triton autocast {key}")
+
+
+TRITON_AUTOCAST = Case("autocast", 37, 40, 300, tau=0.7)
 
 
 def _interpreted_main(out: str) -> None:
@@ -127,6 +144,12 @@ def _interpreted_main(out: str) -> None:
         )
         for case in TRITON_CASES
     }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results["autocast"] = forward_backward(
+            make_inputs(TRITON_AUTOCAST, seed=2),
+            TRITON_AUTOCAST.tau,
+            lambda h, w, y, tau: fused_logprob_entropy(h, w, y, tau, backend="triton"),
+        )
     torch.save({"results": results, "launches": dict(launches)}, out)
 
 
