@@ -88,44 +88,81 @@ def grouped_attention(
     causal: bool = True,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """`packed_attention` by batched SDPA over length groups (module docstring); autograd
-    flows through the gathers, so gradients are SDPA's own.
+    """`packed_attention` by batched SDPA over length groups (module docstring); gradients
+    are SDPA's own.
 
-    Each group of c sequences padded to length P becomes [c, heads, P, D]; right padding
-    with `is_causal` keeps every real query off the padded keys (they come after it), and
-    without `causal` a key mask does. Padded query rows are computed and dropped."""
-    n_tok = q.shape[0]
-    starts = cu_seqlens[:-1].tolist()
+    Every token has one slot in a flat padded layout: group after group, each group c rows
+    of its longest length P, [c, P] row-major; the layout's other slots are zero padding.
+    q, k and v move to their slots, each group is one [c, heads, P, D] SDPA, and the outputs
+    move back (`_ToSlots` / `_FromSlots`: one index copy each way, forward and backward).
+    Right padding with `is_causal` keeps every real query off the padded keys (they come
+    after it), and without `causal` a key mask does. Padded query rows are computed and
+    dropped."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    pad_row = n_tok  # index of an all-zero row appended to q, k, v
-    qz, kz, vz = (F.pad(x, (0, 0, 0, 0, 0, 1)) for x in (q, k, v))
+    groups = [g for g in length_groups(lengths) if lengths[g[0]] > 0]
+    if not groups:
+        return q.new_zeros(q.shape)
+    # each sequence's first slot; token t of sequence i goes to slot base[i] + (t - start[i])
+    base = [0] * len(lengths)
+    shapes, n_slots = [], 0
+    for group in groups:
+        width = lengths[group[0]]
+        for row, i in enumerate(group):
+            base[i] = n_slots + row * width
+        shapes.append((len(group), width))
+        n_slots += len(group) * width
+    shift = torch.tensor(base, dtype=torch.long) - cu_seqlens[:-1].long().cpu()
+    slot = (torch.arange(q.shape[0]) + shift.repeat_interleave(torch.tensor(lengths))).to(q.device)
+    qs, ks, vs = (_ToSlots.apply(x, slot, n_slots) for x in (q, k, v))
     dt_sdpa = _attention_dtype(q)
     upcast_short = q.device.type == "cpu" and dt_sdpa != torch.float32
-    parts, order = [], []
-    for group in length_groups(lengths):
-        width = lengths[group[0]]
-        if width == 0:
-            continue
-        index = torch.full((len(group), width), pad_row, dtype=torch.long)
-        for row, i in enumerate(group):
-            index[row, : lengths[i]] = torch.arange(starts[i], starts[i] + lengths[i])
-        index = index.to(q.device)
-        valid = index != pad_row
+    outs, off = [], 0
+    for group, (c, width) in zip(groups, shapes, strict=True):
         dt = torch.float32 if upcast_short and width < CPU_LOWP_MIN_LEN else dt_sdpa
-        qg, kg, vg = (x[index].transpose(1, 2).to(dt) for x in (qz, kz, vz))  # [c, H, P, D]
-        mask = None if causal else valid[:, None, None, :]
+        qg, kg, vg = (
+            x[off : off + c * width].view(c, width, *x.shape[1:]).transpose(1, 2).to(dt)
+            for x in (qs, ks, vs)
+        )  # [c, H, P, D]
+        mask = None
+        if not causal:  # keys past each row's length are padding
+            lens = torch.tensor([lengths[i] for i in group], device=q.device)
+            mask = (torch.arange(width, device=q.device) < lens[:, None])[:, None, None, :]
         with torch.autocast(q.device.type, enabled=False):  # autocast would recast to bf16
             o = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True
             )
-        parts.append(o.transpose(1, 2)[valid].to(q.dtype))  # [group's real tokens, Hq, D]
-        order.append(index[valid])
-    if not parts:
-        return q.new_zeros(q.shape)
-    out = torch.cat(parts)
-    inverse = torch.empty(n_tok, dtype=torch.long, device=q.device)
-    inverse[torch.cat(order)] = torch.arange(n_tok, device=q.device)
-    return out[inverse]
+        outs.append(o.transpose(1, 2).reshape(c * width, *q.shape[1:]).to(q.dtype))
+        off += c * width
+    return _FromSlots.apply(torch.cat(outs), slot)
+
+
+class _ToSlots(torch.autograd.Function):
+    """x [N, ...] -> [S, ...]: row i to slot[i] (distinct slots), the other S - N rows zero."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
+        ctx.save_for_backward(slot)
+        return x.new_zeros((n_slots, *x.shape[1:])).index_copy_(0, slot, x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (slot,) = ctx.saved_tensors
+        return g.index_select(0, slot), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """y [S, ...] -> [N, ...]: row i from slot[i]; the inverse of `_ToSlots`."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(slot)
+        ctx.n_slots = y.shape[0]
+        return y.index_select(0, slot)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (slot,) = ctx.saved_tensors
+        return g.new_zeros((ctx.n_slots, *g.shape[1:])).index_copy_(0, slot, g), None
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor) -> None:

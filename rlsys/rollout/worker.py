@@ -21,10 +21,14 @@ from rlsys.types import Sample, SampleGroup, Status
 
 
 def setup_actor_process(threads: int | None) -> None:
-    """Threads and quiet libraries for a compute actor (Ray sets OMP_NUM_THREADS=1)."""
+    """Threads, malloc settings and quiet libraries for a compute actor (Ray sets
+    OMP_NUM_THREADS=1; `rlsys.allocator`: freed memory stays mapped for the next step)."""
     import transformers
 
+    from rlsys.allocator import keep_freed_memory
+
     torch.set_num_threads(threads or os.cpu_count() or 1)
+    keep_freed_memory()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
