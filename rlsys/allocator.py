@@ -4,10 +4,11 @@ By default glibc serves each allocation above a dynamic threshold (128 KiB at st
 32 MiB) with its own `mmap` and unmaps it on `free`, and it trims the heap's free top back to
 the kernel above another threshold. A trainer step allocates and frees gigabytes of
 activations, gradients and logit tiles, so every step faults the same pages in again (the
-kernel zeroes each 4 KiB page): on the default model, ~400k minor faults and 2-4 s of system
-CPU time per step (`benchmarks/allocator.py`). With the mmap threshold pinned at its maximum
-and trimming practically off, blocks below 32 MiB come from the heap and stay mapped after
-`free`: the next step reuses them (~6k faults per step).
+kernel zeroes each 4 KiB page): on the default model's quickstart step, ~400k minor faults
+and 3.3 s of system CPU time per step. With the mmap threshold pinned at its maximum and
+trimming practically off, blocks below 32 MiB come from the heap and stay mapped after `free`
+and later steps reuse them: 87k faults and 1.2 s per step over the first four steps (a few
+thousand once settled), 12.4 -> 11.0 s per step (`benchmarks/trainer_step.py`).
 
 The cost is resident memory: a process keeps its peak heap instead of returning it between
 steps. That is what a GPU caching allocator does too, and what PyTorch's CPU performance
