@@ -8,10 +8,11 @@
    |reference|, the reference on the bf16-rounded operands (autocast's own definition of the
    result) and on the raw fp32 operands.
 2. A quickstart-shaped trainer step (`TrainerWorker`, GRPO, 8 prompts x 8 samples of 40-56
-   prompt and 6-24 response tokens, packed rows of 2048) in two fresh child processes: glibc
-   malloc as it comes vs `rlsys.allocator.keep_freed_memory` (what every rlsys actor now
-   runs). Per step: wall seconds, minor page faults, system CPU seconds; mean of `--steps`
-   steps after one warm-up step.
+   prompt and 6-24 response tokens, packed rows of 2048), each in a fresh child process:
+   glibc malloc as it comes; `rlsys.allocator.keep_freed_memory(large_blocks=False)` (blocks
+   under 32 MiB kept); `keep_freed_memory()` (every block kept: what every rlsys actor now
+   runs). Per step: wall seconds, minor page faults, system CPU seconds, peak RSS; mean of
+   `--steps` steps after one warm-up step.
 
     .venv/bin/python benchmarks/trainer_step.py     # ~4 min; writes results/trainer_step.json
 """
@@ -32,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 H, V = 576, 49152
+# glibc as it comes; blocks < 32 MiB kept (no trimming); every block kept (no mmap: default)
+MALLOC = ("glibc", "keep_small", "keep")
 
 
 def lm_head(t: int, reps: int) -> dict[str, dict[str, float]]:
@@ -106,6 +109,9 @@ def child(malloc: str, steps: int) -> dict[str, float]:
 
     if malloc == "glibc":
         rlsys.allocator.keep_freed_memory = lambda: False
+    elif malloc == "keep_small":
+        keep = rlsys.allocator.keep_freed_memory
+        rlsys.allocator.keep_freed_memory = lambda: keep(large_blocks=False)
     cfg = load_recipe("recipes/quickstart.yaml", [])
     torch.set_num_threads(2)
     worker = TrainerWorker(to_dict(cfg), models.resolve(cfg.model.path))
@@ -119,7 +125,8 @@ def child(malloc: str, steps: int) -> dict[str, float]:
         wall += time.perf_counter() - t0
         faults += r1.ru_minflt - r0.ru_minflt
         sys_s += r1.ru_stime - r0.ru_stime
-    return {"step_s": wall / steps, "faults": faults / steps, "sys_s": sys_s / steps}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"step_s": wall / steps, "faults": faults / steps, "sys_s": sys_s / steps, "rss": rss}
 
 
 def main() -> None:
@@ -127,7 +134,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--child", choices=["glibc", "keep"])
+    ap.add_argument("--child", choices=MALLOC)
     ap.add_argument("--quick", action="store_true", help="small run, writes nothing")
     args = ap.parse_args()
     if args.child:
@@ -148,16 +155,20 @@ def main() -> None:
             fig[f"lm_head_t{t}_fused_fp32_gemm_s"] / fig[f"lm_head_t{t}_fused_bf16_operands_s"], 2
         )
     print(f"\nquickstart-shaped trainer step, {args.steps} steps after a warm-up, fresh process:")
-    print(f"{'malloc':10} {'s/step':>8} {'faults/step':>12} {'sys s/step':>11}")
-    for mode in ("glibc", "keep"):
+    print(f"{'malloc':10} {'s/step':>8} {'faults/step':>12} {'sys s/step':>11} {'peak RSS GB':>12}")
+    for mode in MALLOC:
         cmd = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"{mode:10} {r['step_s']:8.2f} {r['faults']:12.0f} {r['sys_s']:11.2f}")
+        print(
+            f"{mode:10} {r['step_s']:8.2f} {r['faults']:12.0f} {r['sys_s']:11.2f} {r['rss']:12.2f}"
+        )
+        fig[f"peak_rss_{mode}_gb"] = round(r["rss"], 2)
         fig.update({f"step_{mode}_s": round(r["step_s"], 2), f"faults_{mode}": round(r["faults"])})
         fig[f"sys_{mode}_s"] = round(r["sys_s"], 2)
-    fig["step_speedup_keep"] = round(fig["step_glibc_s"] / fig["step_keep_s"], 3)
-    print(f"keep_freed_memory: {fig['step_speedup_keep']:.2f}x")
+    for mode in MALLOC[1:]:
+        fig[f"step_speedup_{mode}"] = round(fig["step_glibc_s"] / fig[f"step_{mode}_s"], 3)
+        print(f"{mode} over glibc: {fig[f'step_speedup_{mode}']:.2f}x")
     if not args.quick:
         print(f"wrote {write_results('trainer_step', fig)}")
 

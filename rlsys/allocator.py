@@ -4,11 +4,11 @@ By default glibc serves each allocation above a dynamic threshold (128 KiB at st
 32 MiB) with its own `mmap` and unmaps it on `free`, and it trims the heap's free top back to
 the kernel above another threshold. A trainer step allocates and frees gigabytes of
 activations, gradients and logit tiles, so every step faults the same pages in again (the
-kernel zeroes each 4 KiB page): on the default model's quickstart step, ~400k minor faults
-and 3.3 s of system CPU time per step. With the mmap threshold pinned at its maximum and
-trimming practically off, blocks below 32 MiB come from the heap and stay mapped after `free`
-and later steps reuse them: 87k faults and 1.2 s per step over the first four steps (a few
-thousand once settled), 12.4 -> 11.0 s per step (`benchmarks/trainer_step.py`).
+kernel zeroes each 4 KiB page). With the mmap threshold pinned at its maximum, trimming
+practically off and (by default) no mmap at all, freed blocks stay mapped and the next step
+reuses them. Quickstart-shaped trainer step on the default model (`benchmarks/trainer_step.py`,
+2026-12-02, 8 steps): 342k -> 40k minor faults and 2.4 -> 0.7 s of system CPU per step,
+10.0 -> 9.5 s per step, same peak RSS.
 
 The cost is resident memory: a process keeps its peak heap instead of returning it between
 steps. That is what a GPU caching allocator does too, and what PyTorch's CPU performance
@@ -24,15 +24,17 @@ import ctypes.util
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit: larger blocks are always mmapped
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top
 TOP_PAD = 64 * 2**20  # grow the heap in 64 MiB steps (address space; pages fault on use)
 
 
-def keep_freed_memory() -> bool:
-    """Apply the settings above to this process's glibc malloc; True when all three took.
-    False (and nothing changed) where the C library is not glibc."""
+def keep_freed_memory(large_blocks: bool = True) -> bool:
+    """Apply the settings above to this process's glibc malloc; True when all took. False
+    (and nothing changed) where the C library is not glibc. `large_blocks`: blocks of 32 MiB
+    and more also come from the heap (no mmap at all), so they are kept and reused too."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -41,9 +43,11 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    settings = (
+    settings = [
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
         (M_TOP_PAD, TOP_PAD),
-    )
+    ]
+    if large_blocks:
+        settings.append((M_MMAP_MAX, 0))
     return all(mallopt(param, value) == 1 for param, value in settings)

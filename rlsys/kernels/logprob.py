@@ -26,8 +26,9 @@ GEMM operands follow autocast: under bf16 autocast (the trainer's default) the o
 every tile GEMM (h, W, and dz in the backward) are rounded to bf16, as autocast does for the
 naive path's `lm_head` linear, but products are accumulated and the logits kept in fp32 (the
 naive path also rounds its logits to bf16). On CPU that is oneDNN's bf16 math mode for fp32
-matmuls (AMX: 3-5x the fp32 GEMM rate here), on GPU Triton's bf16 tensor-core dot. bf16
-inputs take the same GEMMs outside autocast (rounding them is a no-op).
+matmuls where the CPU has bf16 matmuls (AMX here: 2-5x the fp32 GEMM rate; torch keeps tiny
+GEMMs in fp32), on GPU Triton's bf16 tensor-core dot. bf16 inputs take the same GEMMs outside
+autocast (rounding them is a no-op).
 """
 
 from __future__ import annotations
@@ -125,16 +126,15 @@ def _target_cols(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor,
 
 
 class _Gemms:
-    """The tile GEMMs' precision. With `lowp`, `round` rounds h and W to it (once per call /
-    vocabulary chunk), so the logits are those of bf16 operands with fp32 accumulation on any
-    CPU; where oneDNN has bf16 matmuls (AVX512-BF16 / AMX) the fp32 GEMMs also run in its
-    bf16 math mode (operands converted inside the GEMM, fp32 accumulation and output): for
-    the rounded h and W that changes no value, only the speed, and the backward's dz, left in
-    fp32, is rounded too where torch routes the GEMM to oneDNN (at the trainer's sizes it
-    does; some small or skinny shapes go elsewhere and keep it in fp32)."""
+    """The tile GEMMs' precision: with `lowp` = bf16 on a CPU with oneDNN bf16 matmuls
+    (AVX512-BF16 / AMX), the fp32 GEMMs run in oneDNN's bf16 math mode: operands rounded to
+    bf16 inside the GEMM, fp32 accumulation and output; no copy of h or W is made. torch
+    routes all but tiny GEMMs to oneDNN (a few tokens x a vocabulary chunk still go; a
+    handful of tokens against a 64-column test chunk may not), and those it does not stay
+    fp32: at least as accurate. Anywhere else (no `lowp`, fp16, GPU tensors, an older CPU)
+    the GEMMs are fp32."""
 
     def __init__(self, lowp: torch.dtype | None, device: torch.device) -> None:
-        self.lowp = lowp
         self.onednn = (
             lowp == torch.bfloat16
             and device.type == "cpu"
@@ -142,9 +142,6 @@ class _Gemms:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         )
         self._saved: str | None = None
-
-    def round(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.lowp is None else x.to(self.lowp).to(x.dtype)
 
     def __enter__(self) -> _Gemms:
         if self.onednn:
@@ -186,7 +183,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         gemms = _Gemms(lowp, hidden.device)
         t_len, v_len = hidden.shape[0], weight.shape[0]
         inv_tau = 1.0 / temperature
-        h = gemms.round(hidden.detach().to(dt))  # [T, H]; a copy only for bf16 inputs
+        h = hidden.detach().to(dt)  # [T, H]; a copy only for bf16 inputs
         y = targets.long()
         m = torch.full((t_len,), NEG, dtype=dt, device=h.device)
         s = torch.zeros_like(m)
@@ -196,7 +193,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         z_buf, e_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
         with gemms:
             for v0, v1 in _spans(v_len, chunk_v):
-                w = gemms.round(weight.detach()[v0:v1].to(dt))  # [Cv, H]
+                w = weight.detach()[v0:v1].to(dt)  # [Cv, H]
                 for t0, t1 in _spans(t_len, chunk_t):
                     z = torch.mm(h[t0:t1], w.T, out=_tile(z_buf, t1 - t0, v1 - v0))
                     z.mul_(inv_tau)  # [Ct, Cv]
@@ -232,7 +229,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(dt)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(dt)
         inv_tau, t_len, v_len = ctx.inv_tau, hidden.shape[0], weight.shape[0]
-        h = gemms.round(hidden.to(dt))
+        h = hidden.to(dt)
         y = targets.long()
         dh = torch.zeros_like(h) if need_h else None  # fp32 accumulator over vocab chunks
         # fp32 weights: each chunk's gradient accumulates in place in dw's rows
@@ -247,7 +244,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         z_buf, p_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
         with gemms:
             for v0, v1 in _spans(v_len, ctx.chunk_v):
-                w = gemms.round(weight[v0:v1].to(dt))
+                w = weight[v0:v1].to(dt)
                 dw_c = None
                 if need_w:
                     dw_c = dw[v0:v1] if dw.dtype == dt else torch.zeros_like(w)
