@@ -35,14 +35,22 @@ from _common import write_results  # noqa: E402
 from rollout import long_tail_lengths  # noqa: E402
 
 
-def make_groups(n_groups: int, n: int, seed: int) -> list:
+def make_groups(
+    n_groups: int,
+    n: int,
+    seed: int,
+    lengths: list[int] | None = None,
+    prompt_len: tuple[int, int] = (24, 40),
+) -> list:
+    """Scored groups of random token ids: prompts of `prompt_len` tokens, responses of
+    `lengths` (default: the long-tail mix of `benchmarks/rollout.py`)."""
     from rlsys.types import Sample, SampleGroup, Status
 
     rng = random.Random(seed)
-    lengths = long_tail_lengths(n_groups * n, seed)
+    lengths = lengths or long_tail_lengths(n_groups * n, seed)
     groups = []
     for g in range(n_groups):
-        prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(24, 40))]
+        prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(*prompt_len))]
         samples = []
         for j in range(n):
             s = Sample(group_id=g, index=j, prompt_ids=prompt)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import packing  # noqa: E402
 from _common import write_results  # noqa: E402
 
 H, V = 576, 49152
@@ -80,22 +81,10 @@ def _naive(h, w, y):
 
 
 def make_groups(seed: int = 0, n_groups: int = 8, n: int = 8) -> list:
-    from rlsys.types import Sample, SampleGroup, Status
-
+    """The quickstart's shape: 40-56 prompt tokens, 6-24 response tokens."""
     rng = random.Random(seed)
-    groups = []
-    for g in range(n_groups):
-        prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(40, 56))]
-        samples = []
-        for j in range(n):
-            s = Sample(group_id=g, index=j, prompt_ids=prompt)
-            k = rng.randint(6, 24)
-            s.append([rng.randrange(100, 40000) for _ in range(k)], [-1.0] * k, 0, True)
-            s.finish(Status.DONE, "stop")
-            s.reward = float(rng.random() < 0.5)
-            samples.append(s)
-        groups.append(SampleGroup(g, samples))
-    return groups
+    lengths = [rng.randint(6, 24) for _ in range(n_groups * n)]
+    return packing.make_groups(n_groups, n, seed, lengths, prompt_len=(40, 56))
 
 
 def child(malloc: str, steps: int) -> dict[str, float]:

@@ -7,8 +7,8 @@ activations, gradients and logit tiles, so every step faults the same pages in a
 kernel zeroes each 4 KiB page). With the mmap threshold pinned at its maximum, trimming
 practically off and (by default) no mmap at all, freed blocks stay mapped and the next step
 reuses them. Quickstart-shaped trainer step on the default model (`benchmarks/trainer_step.py`,
-2026-12-02, 8 steps): 342k -> 40k minor faults and 2.4 -> 0.7 s of system CPU per step,
-10.0 -> 9.5 s per step, same peak RSS.
+2026-12-02, 8 steps): 366k -> 35k minor faults and 2.7 -> 0.6 s of system CPU per step,
+9.1 -> 7.7 s per step (1.05x-1.18x over runs), same peak RSS.
 
 The cost is resident memory: a process keeps its peak heap instead of returning it between
 steps. That is what a GPU caching allocator does too, and what PyTorch's CPU performance

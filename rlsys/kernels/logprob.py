@@ -97,7 +97,8 @@ def chunked_logprob_entropy(
     lowp: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path: peak extra memory O(chunk_t x chunk_v + chunk_v x H + T x H).
-    `lowp`: round the GEMM operands to this dtype (fp32 accumulation), see `operand_dtype`."""
+    `lowp` (from `operand_dtype`): bf16 lets the tile GEMMs round their operands to bf16 and
+    accumulate in fp32 where the CPU has bf16 matmuls (`_Gemms`); otherwise fp32 GEMMs."""
     return _ChunkedLogprobEntropy.apply(
         hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
     )
