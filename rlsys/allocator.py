@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 # mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -33,8 +34,11 @@ TOP_PAD = 64 * 2**20  # grow the heap in 64 MiB steps (address space; pages faul
 
 def keep_freed_memory(large_blocks: bool = True) -> bool:
     """Apply the settings above to this process's glibc malloc; True when all took. False
-    (and nothing changed) where the C library is not glibc. `large_blocks`: blocks of 32 MiB
-    and more also come from the heap (no mmap at all), so they are kept and reused too."""
+    (and nothing changed) where the C library is not glibc, or with RLSYS_KEEP_FREED_MEMORY=0
+    in the environment. `large_blocks`: blocks of 32 MiB and more also come from the heap (no
+    mmap at all), so they are kept and reused too."""
+    if os.environ.get("RLSYS_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)

@@ -62,3 +62,8 @@ def test_actor_setup_keeps_freed_memory(monkeypatch) -> None:
     finally:
         torch.set_num_threads(threads)
     assert calls == [1]
+
+
+def test_environment_can_turn_it_off(monkeypatch) -> None:
+    monkeypatch.setenv("RLSYS_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
