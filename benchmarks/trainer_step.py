@@ -14,7 +14,7 @@
    runs). Per step: wall seconds, minor page faults, system CPU seconds, peak RSS; mean of
    `--steps` steps after one warm-up step.
 
-    .venv/bin/python benchmarks/trainer_step.py     # ~4 min; writes results/trainer_step.json
+    .venv/bin/python benchmarks/trainer_step.py     # ~6 min; writes results/trainer_step.json
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ def main() -> None:
         print(
             f"{mode:10} {r['step_s']:8.2f} {r['faults']:12.0f} {r['sys_s']:11.2f} {r['rss']:12.2f}"
         )
-        fig[f"peak_rss_{mode}_gb"] = round(r["rss"], 2)
-        fig.update({f"step_{mode}_s": round(r["step_s"], 2), f"faults_{mode}": round(r["faults"])})
+        fig[f"step_{mode}_s"] = round(r["step_s"], 2)
+        fig[f"faults_{mode}"] = round(r["faults"])
         fig[f"sys_{mode}_s"] = round(r["sys_s"], 2)
+        fig[f"peak_rss_{mode}_gb"] = round(r["rss"], 2)
     for mode in MALLOC[1:]:
         fig[f"step_speedup_{mode}"] = round(fig["step_glibc_s"] / fig[f"step_{mode}_s"], 3)
         print(f"{mode} over glibc: {fig[f'step_speedup_{mode}']:.2f}x")

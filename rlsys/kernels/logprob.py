@@ -33,6 +33,9 @@ autocast (rounding them is a no-op).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from rlsys.kernels.backend import resolve
@@ -98,7 +101,7 @@ def chunked_logprob_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path: peak extra memory O(chunk_t x chunk_v + chunk_v x H + T x H).
     `lowp` (from `operand_dtype`): bf16 lets the tile GEMMs round their operands to bf16 and
-    accumulate in fp32 where the CPU has bf16 matmuls (`_Gemms`); otherwise fp32 GEMMs."""
+    accumulate in fp32 where the CPU has bf16 matmuls (`_gemm_precision`); otherwise fp32 GEMMs."""
     return _ChunkedLogprobEntropy.apply(
         hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
     )
@@ -126,7 +129,8 @@ def _target_cols(targets: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor,
     return inside, (targets - v0).clamp(0, v1 - v0 - 1)
 
 
-class _Gemms:
+@contextlib.contextmanager
+def _gemm_precision(lowp: torch.dtype | None, device: torch.device) -> Iterator[None]:
     """The tile GEMMs' precision: with `lowp` = bf16 on a CPU with oneDNN bf16 matmuls
     (AVX512-BF16 / AMX), the fp32 GEMMs run in oneDNN's bf16 math mode: operands rounded to
     bf16 inside the GEMM, fp32 accumulation and output; no copy of h or W is made. torch
@@ -134,25 +138,21 @@ class _Gemms:
     handful of tokens against a 64-column test chunk may not), and those it does not stay
     fp32: at least as accurate. Anywhere else (no `lowp`, fp16, GPU tensors, an older CPU)
     the GEMMs are fp32."""
-
-    def __init__(self, lowp: torch.dtype | None, device: torch.device) -> None:
-        self.onednn = (
-            lowp == torch.bfloat16
-            and device.type == "cpu"
-            and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
-        self._saved: str | None = None
-
-    def __enter__(self) -> _Gemms:
-        if self.onednn:
-            self._saved = torch.backends.mkldnn.matmul.fp32_precision
-            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.onednn:
-            torch.backends.mkldnn.matmul.fp32_precision = self._saved
+    onednn = (
+        lowp == torch.bfloat16
+        and device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    if not onednn:
+        yield
+        return
+    saved = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = saved
 
 
 def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -167,7 +167,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp):
-        # autocast would recast the tiles' GEMMs to bf16 outputs: `_Gemms` does it instead
+        # autocast would recast the tiles' GEMMs to bf16 outputs: `_gemm_precision` does it instead
         with torch.autocast(hidden.device.type, enabled=False):
             return _ChunkedLogprobEntropy._forward(
                 ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
@@ -181,7 +181,6 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp):
         dt = compute_dtype(hidden, weight)
-        gemms = _Gemms(lowp, hidden.device)
         t_len, v_len = hidden.shape[0], weight.shape[0]
         inv_tau = 1.0 / temperature
         h = hidden.detach().to(dt)  # [T, H]; a copy only for bf16 inputs
@@ -192,7 +191,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         zy = torch.zeros_like(m)
         size = min(chunk_t, t_len) * min(chunk_v, v_len)
         z_buf, e_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
-        with gemms:
+        with _gemm_precision(lowp, h.device):
             for v0, v1 in _spans(v_len, chunk_v):
                 w = weight.detach()[v0:v1].to(dt)  # [Cv, H]
                 for t0, t1 in _spans(t_len, chunk_t):
@@ -226,7 +225,6 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         if not (need_h or need_w):
             return None, None, None, None, None, None
         dt = lse.dtype
-        gemms = _Gemms(ctx.lowp, hidden.device)
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(dt)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(dt)
         inv_tau, t_len, v_len = ctx.inv_tau, hidden.shape[0], weight.shape[0]
@@ -234,21 +232,18 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         y = targets.long()
         dh = torch.zeros_like(h) if need_h else None  # fp32 accumulator over vocab chunks
         # fp32 weights: each chunk's gradient accumulates in place in dw's rows
-        dw = (
-            (torch.zeros if weight.dtype == dt else torch.empty)(
-                weight.shape, dtype=weight.dtype, device=weight.device
-            )
-            if need_w
-            else None
-        )
+        in_place = weight.dtype == dt
+        dw = None
+        if need_w:
+            dw = torch.zeros_like(weight) if in_place else torch.empty_like(weight)
         size = min(ctx.chunk_t, t_len) * min(ctx.chunk_v, v_len)
         z_buf, p_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
-        with gemms:
+        with _gemm_precision(ctx.lowp, h.device):
             for v0, v1 in _spans(v_len, ctx.chunk_v):
                 w = weight[v0:v1].to(dt)
                 dw_c = None
                 if need_w:
-                    dw_c = dw[v0:v1] if dw.dtype == dt else torch.zeros_like(w)
+                    dw_c = dw[v0:v1] if in_place else torch.zeros_like(w)
                 for t0, t1 in _spans(t_len, ctx.chunk_t):
                     z = torch.mm(h[t0:t1], w.T, out=_tile(z_buf, t1 - t0, v1 - v0))
                     z.mul_(inv_tau)
@@ -265,6 +260,6 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                         dh[t0:t1].addmm_(dz, w)
                     if need_w:
                         dw_c.addmm_(dz.T, h[t0:t1])
-                if need_w and dw.dtype != dt:
+                if need_w and not in_place:
                     dw[v0:v1] = dw_c
         return (dh.to(hidden.dtype) if need_h else None), dw, None, None, None, None
