@@ -50,10 +50,17 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Wheels the GPU machine (no network there) needs for benchmarks/gpu_session.sh: carry
-# .cache/wheels with the device tool's run.
+# Wheels the GPU machine (no network there; its image has torch, triton, transformers, but
+# not these) needs for benchmarks/gpu_session.sh: carry .cache/wheels with the device tool's
+# run. Its python is 3.12; DeepSpeed publishes no wheel, so one is built here (no ops).
+GPU_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
 gpu-wheels: install
-	$(BIN)/pip download -q --no-deps -d .cache/wheels liger-kernel==0.8.5
+	$(BIN)/pip download -q $(GPU_WHEEL_FLAGS) -d .cache/wheels liger-kernel==0.8.5 \
+		omegaconf==2.4.0 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+		annotated-types==0.8.0 typing-inspection==0.4.5
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .cache/wheels \
+		deepspeed==0.19.8
 
 clean:
 	rm -rf $(VENV) .cache runs

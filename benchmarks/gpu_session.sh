@@ -2,15 +2,18 @@
 # Every GPU check of the issue "Fused kernels" in one call of the device tool, so that a
 # session that is lent a GPU (15 minutes of device time in all) spends it measuring:
 #
-#   make gpu-wheels                          # here: Liger-Kernel's wheel into .cache/wheels
-#   run  command="bash benchmarks/gpu_session.sh"  carry=[".cache/wheels"]  timeout_s=540
+#   make gpu-wheels        # here: Liger-Kernel, DeepSpeed, OmegaConf (+ deps) into .cache/wheels
+#   run  command="bash benchmarks/gpu_session.sh"
+#        carry=[".cache/wheels", ".cache/rlsys/models/tiny-llama"]  timeout_s=570
 #
 # On the device machine it uses that image's python3 (its torch and triton) and installs
 # nothing but the carried wheels. Steps, each bounded and each run even if one before failed:
 #   1. the machine: GPU, driver, torch / triton versions;
 #   2. the GPU kernel tests (`-m gpu --gpu`: Triton vs the float64 reference at full size);
 #   3. `benchmarks/kernels.py --gpu`: time and peak memory vs the naive torch path, Liger and
-#      SDPA -> benchmarks/results/kernels_gpu.json, kernels.json, kernels_section.md.
+#      SDPA -> benchmarks/results/kernels_gpu.json, kernels.json, kernels_section.md;
+#   4. the trainer on the GPU (`tests/unit/test_trainer_device.py --gpu`): two steps of GRPO
+#      and PPO on the tiny model equal the same steps on the CPU.
 # Everything lands in $OUT (logs and the results files), which comes back with the reply.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,14 +34,19 @@ if compgen -G ".cache/wheels/*.whl" >/dev/null; then
 fi
 
 echo "== 2. GPU kernel tests"
-timeout 180 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
   tests/unit/test_kernels_logprob.py tests/unit/test_kernels_attention.py \
   tests/unit/test_kernels_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 3. benchmarks/kernels.py --gpu"
-timeout 300 "$PY" benchmarks/kernels.py --gpu 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
+timeout 240 "$PY" benchmarks/kernels.py --gpu 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
   benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md "$OUT"/ 2>/dev/null
+
+echo "== 4. the trainer on the GPU"
+RLSYS_CACHE="$PWD/.cache/rlsys" timeout 140 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+  tests/unit/test_trainer_device.py 2>&1 | tee "$OUT/trainer_gpu.txt" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 exit $status

@@ -240,6 +240,10 @@ class TrainerConfig:
     """Optimizer steps of linear LR warm-up."""
     bucket_mb: int = 64
     """Communication bucket (MB) for gradient reduction and ZeRO-3 parameter gathers."""
+    device: str = "auto"
+    """Where each trainer rank computes: cpu, cuda (one GPU per rank: give it one with
+    `cluster.trainer_resources: {CPU: 1, GPU: 1}`), or auto: cuda when the trainer resources
+    ask for a GPU, cpu otherwise."""
 
 
 @dataclass
@@ -468,6 +472,13 @@ def rollout_threads(cfg: RecipeConfig, nodes: int) -> int | None:
     return c.threads_per_actor
 
 
+def trainer_device(cfg: RecipeConfig) -> str:
+    """The device of each trainer rank, "cpu" or "cuda" (`trainer.device`, auto resolved)."""
+    if cfg.trainer.device != "auto":
+        return cfg.trainer.device
+    return "cuda" if cfg.cluster.trainer_resources.get("GPU") else "cpu"
+
+
 def _choice(key: str, value: Any, options: tuple) -> None:
     if value not in options:
         names = [str(o) for o in options]
@@ -627,6 +638,12 @@ def validate(cfg: RecipeConfig) -> None:
                 f"cluster.{role}_resources must ask for something (e.g. {{CPU: 1}}), got {res}"
             )
     _choice("trainer.zero_stage", cfg.trainer.zero_stage, (None, 0, 1, 2, 3))
+    _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
+    if cfg.trainer.device == "cuda" and not cfg.cluster.trainer_resources.get("GPU"):
+        raise ConfigError(
+            "trainer.device=cuda needs a GPU for each trainer rank: add it to the rank's Ray "
+            "resources, e.g. cluster.trainer_resources='{CPU: 1, GPU: 1}'"
+        )
     _choice("trainer.precision", cfg.trainer.precision, ("fp32", "bf16"))
     _choice("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
     if cfg.trainer.offload and cfg.trainer.zero_stage == 0:

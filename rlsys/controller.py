@@ -36,7 +36,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlsys.config import ConfigError, RecipeConfig, rollout_threads, to_dict, to_yaml
+from rlsys.config import (
+    ConfigError,
+    RecipeConfig,
+    rollout_threads,
+    to_dict,
+    to_yaml,
+    trainer_device,
+)
 
 if TYPE_CHECKING:
     from rlsys.rollout.pool import RolloutPool
@@ -64,7 +71,7 @@ def _init_ray(cfg: RecipeConfig) -> bool:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ[k] for k in ("RLSYS_CACHE", "HF_HOME") if k in os.environ}
-    env.update(TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
+    env.update(TOKENIZERS_PARALLELISM="false", RAY_AUTH_MODE="disabled")
     kwargs: dict[str, Any] = dict(
         include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env}
     )
@@ -151,7 +158,7 @@ def _run(
     from rlsys.buffer.stream import StreamingBuffer
     from rlsys.rollout.pool import Call, RolloutPool
     from rlsys.trainer.group import TrainerGroup
-    from rlsys.weight_sync import WeightSync
+    from rlsys.weight_sync import WeightSync, broadcast_backend
 
     nodes = sum(1 for n in ray.nodes() if n["Alive"])
     cfg.cluster.rollout_threads = rollout_threads(cfg, nodes)
@@ -167,8 +174,9 @@ def _run(
     buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
     # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
     workers.ready()
+    backend = broadcast_backend(trainer_device(cfg), cfg.cluster.rollout_resources.get("GPU", 0))
     sync = WeightSync(
-        trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method, cfg.sync.timeout_s
+        trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method, cfg.sync.timeout_s, backend
     )
 
     summary: dict[str, Any] = {"run_dir": str(run_dir), "rewards": [], "group_ids": []}

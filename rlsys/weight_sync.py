@@ -67,14 +67,23 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 class SyncMember:
-    """One process's end of the sync group: rank 0 sends, the others receive."""
+    """One process's end of the sync group: rank 0 sends, the others receive. Every member
+    uses the same `backend`: "nccl" (buffers on this process's GPU) or "gloo" (CPU buffers)."""
 
-    def __init__(self, addr: str, port: int, rank: int, world: int, timeout_s: float = 300) -> None:
+    def __init__(
+        self,
+        addr: str,
+        port: int,
+        rank: int,
+        world: int,
+        timeout_s: float = 300,
+        backend: str = "gloo",
+    ) -> None:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
         store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout)
-        if torch.cuda.is_available():
+        if backend == "nccl":
             self.pg = dist.ProcessGroupNCCL(store, rank, world)
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
@@ -167,6 +176,12 @@ class SharedWeights:
         return {k: v for b in self.buckets for k, v in b.items()}
 
 
+def broadcast_backend(trainer_device: str, rollout_gpus: float) -> str:
+    """The broadcast group's backend: NCCL when the trainer and every rollout worker hold a
+    GPU (weights go GPU to GPU), gloo otherwise (one process group has one backend)."""
+    return "nccl" if trainer_device == "cuda" and rollout_gpus > 0 else "gloo"
+
+
 def shm_path() -> str:
     """A fresh /dev/shm file name for one run's shared weights."""
     return f"/dev/shm/rlsys-weights-{uuid.uuid4().hex[:12]}"
@@ -188,9 +203,11 @@ class WeightSync:
         bucket_mb: float,
         method: str,
         timeout_s: float = 120,
+        backend: str = "gloo",
     ) -> None:
+        """`backend` of a broadcast group: see `broadcast_backend`."""
         self.trainer, self.pool, self.dtype, self.method = trainer, workers, dtype, method
-        self.timeout_s = timeout_s
+        self.timeout_s, self.backend = timeout_s, backend
         self.nbytes = trainer.weight_bytes(dtype)
         self.joined = False
         self.path: str | None = None
@@ -228,8 +245,11 @@ class WeightSync:
         addr, port = ray.get(rank0.sync_address.remote())
         world = 1 + len(self.workers)
         t = self.timeout_s
-        sender = rank0.sync_join.remote(addr, port, world, t)
-        refs = [w.sync_join.remote(addr, port, i + 1, world, t) for i, w in enumerate(self.workers)]
+        b = self.backend
+        sender = rank0.sync_join.remote(addr, port, world, t, b)
+        refs = [
+            w.sync_join.remote(addr, port, i + 1, world, t, b) for i, w in enumerate(self.workers)
+        ]
         dead, _ = self._collect(refs, [sender])
         self.joined = not dead
         return dead

@@ -356,13 +356,19 @@ class RolloutWorker:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def sync_join(
-        self, addr: str, port: int, rank: int, world: int, timeout_s: float = 300
+        self,
+        addr: str,
+        port: int,
+        rank: int,
+        world: int,
+        timeout_s: float = 300,
+        backend: str = "gloo",
     ) -> None:
         """Join the trainer's weight-sync group as receiver `rank` (rlsys/weight_sync.py)."""
         from rlsys.weight_sync import SyncMember
 
         self.sync = None  # drop a previous group first
-        self.sync = SyncMember(addr, port, rank, world, timeout_s)
+        self.sync = SyncMember(addr, port, rank, world, timeout_s, backend)
 
     def sync_shm_load(self, plan: list, dtype: str, path: str, version: int) -> int:
         """Load the weights the trainer wrote to the shared-memory file `path`; the version."""

@@ -34,11 +34,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed(rank: int, world_size: int, addr: str, port: int) -> None:
-    """Join (or, alone, create) the trainer's process group; a no-op when already joined.
+def use_accelerator(device: str) -> None:
+    """Make DeepSpeed run on `device` ("cpu" | "cuda"): its accelerator is picked once per
+    process, from DS_ACCELERATOR or by probing, and a process may have picked "cpu" already
+    (the test suite sets it), so a mismatch is replaced."""
+    os.environ["DS_ACCELERATOR"] = device
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != device:
+        if device == "cuda":
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accel
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accel
+        set_accelerator(Accel())
+
+
+def init_distributed(rank: int, world_size: int, addr: str, port: int, device: str = "cpu") -> None:
+    """Join (or, alone, create) the trainer's process group on `device`'s backend (gloo on
+    CPU, NCCL on CUDA); a no-op when already joined.
 
     DeepSpeed's CPU backend would JIT-compile a shared-memory all-reduce op on first use
     (~2 minutes); gloo's all-reduce is fast enough at these sizes, so the build is skipped."""
+    use_accelerator(device)
     import deepspeed
     import torch.distributed as dist
 
@@ -50,11 +67,10 @@ def init_distributed(rank: int, world_size: int, addr: str, port: int) -> None:
         MASTER_PORT=str(port),
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
-        LOCAL_RANK="0",
+        LOCAL_RANK="0",  # each rank sees one GPU (Ray sets CUDA_VISIBLE_DEVICES)
         LOCAL_SIZE="1",
     )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -126,8 +142,10 @@ class TrainEngine:
         lr: float | None,
         total_steps: int = 0,
         prefix: str = "",
+        device: torch.device | str = "cpu",
     ) -> None:
-        """`prefix`: dropped from state-dict names (the wrapped model's attribute name)."""
+        """`prefix`: dropped from state-dict names (the wrapped model's attribute name);
+        `device`: where the module computes (moved there before the optimizer is built)."""
         import deepspeed
         import torch.distributed as dist
 
@@ -137,6 +155,7 @@ class TrainEngine:
         self.rank = dist.get_rank()
         self.trainable = lr is not None
         self.stage = effective_stage(t, self.world)
+        module.to(device)
         if not self.trainable and self.stage < 3:
             # Nothing to shard but parameters, and only stage 3 shards those.
             self.engine = None
@@ -251,13 +270,16 @@ class TrainEngine:
                 ]
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-        """Full weights (copies) on rank 0, None elsewhere; collective under ZeRO-3."""
+        """Full weights (CPU copies) on rank 0, None elsewhere; collective under ZeRO-3."""
         from rlsys.weight_sync import make_plan
 
         plan = make_plan(self.named_shapes(), 4, self.cfg.bucket_mb)
         out: dict[str, torch.Tensor] = {}
         for bucket in self.buckets(plan, dtype):
-            out.update((n, t.clone().contiguous()) for n, t in bucket)
+            out.update(
+                (n, t.to("cpu", copy=True, memory_format=torch.contiguous_format))
+                for n, t in bucket
+            )
         return out if self.rank == 0 else None
 
     def state_bytes(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rlsys.buffer.packing import MicroBatch, rank_micro_batches
-from rlsys.config import RecipeConfig, from_dict
+from rlsys.config import RecipeConfig, from_dict, trainer_device
 from rlsys.rollout.worker import setup_actor_process
 from rlsys.trainer.algorithm import split_groups, token_advantages
 from rlsys.trainer.attention import use_packed_attention
@@ -61,7 +61,16 @@ class TrainerWorker:
             if world_size != 1:
                 raise ValueError("several trainer ranks need a master (address, port)")
             master = ("127.0.0.1", free_port())
-        init_distributed(rank, world_size, *master)
+        self.device = torch.device(trainer_device(self.cfg))
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    "trainer.device is cuda but this trainer rank sees no CUDA device (check "
+                    "cluster.trainer_resources.GPU and the node's GPUs), or set trainer.device=cpu"
+                )
+            torch.cuda.set_device(0)  # the one GPU Ray gave this rank
+            self.device = torch.device("cuda", 0)
+        init_distributed(rank, world_size, *master, device=self.device.type)
         self.rank, self.world = rank, world_size
         torch.manual_seed(self.cfg.seed)
         dtype = getattr(torch, self.cfg.model.dtype)
@@ -75,7 +84,8 @@ class TrainerWorker:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
         total = self.cfg.steps * t.mini_batches
         temp, fused = self.cfg.rollout.temperature, t.fused_logprob
-        self.policy = TrainEngine(TokenLogprobs(model, temp, fused), t, t.lr, total, "lm.")
+        dev = self.device
+        self.policy = TrainEngine(TokenLogprobs(model, temp, fused), t, t.lr, total, "lm.", dev)
         self.model = self.policy.module.lm  # the Hugging Face model (sharded under ZeRO-3)
         self.model.train()
         self.ref = None
@@ -88,7 +98,9 @@ class TrainerWorker:
             ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=ref_dtype)
             if t.packed_attention:
                 use_packed_attention(ref)
-            self.ref = TrainEngine(TokenLogprobs(ref, temp, fused), t, None, prefix="lm.")
+            self.ref = TrainEngine(
+                TokenLogprobs(ref, temp, fused), t, None, prefix="lm.", device=dev
+            )
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
         self.critic = None
         if al.advantage == "gae":
@@ -97,7 +109,7 @@ class TrainerWorker:
                 critic.backbone.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs=_NO_REENTRANT
                 )
-            self.critic = TrainEngine(critic, t, al.critic.lr, total)
+            self.critic = TrainEngine(critic, t, al.critic.lr, total, device=dev)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.version = 0
 
@@ -127,7 +139,7 @@ class TrainerWorker:
             # No cast cache: it would keep a bf16 copy of every weight alive until the forward
             # ends (with gradient checkpointing nothing else needs them), and each weight is
             # cast once per forward anyway.
-            return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def _micro_batches(self, batch: TrainBatch, rows: list[int]) -> list[tuple[MicroBatch, bool]]:
@@ -155,33 +167,51 @@ class TrainerWorker:
         return out
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (in place); identity on one rank."""
+        """Sum over ranks (in place; through the trainer's device, NCCL's only kind);
+        identity on one rank."""
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(x)
+            y = x.to(self.device)
+            dist.all_reduce(y)
+            if y is not x:
+                x.copy_(y)
         return x
+
+    def _to(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """`x` on the trainer's device (batch tensors are built, and gathered, on the CPU)."""
+        return None if x is None else x.to(self.device, non_blocking=True)
+
+    def _inputs(self, mb: MicroBatch) -> tuple:
+        """The model inputs of a micro-batch, on the trainer's device."""
+        return (
+            self._to(mb.input_ids),
+            self._to(mb.attention_mask),
+            self._to(mb.position_ids),
+            self._to(mb.cu_seqlens),
+        )
 
     def _logp(
         self, engine: TrainEngine, mb: MicroBatch, resp: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp, entropy) [b, l] of `engine`'s model (policy or reference) on a micro-batch."""
+        """(logp, entropy) [b, l] of `engine`'s model (policy or reference) on a micro-batch,
+        on the trainer's device."""
+        ids, att, pos, cu = self._inputs(mb)
         with self._autocast():
-            return engine(mb.input_ids, mb.attention_mask, resp, mb.position_ids, mb.cu_seqlens)
+            return engine(ids, att, self._to(resp), pos, cu)
 
     def _values(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
         assert self.critic is not None
+        ids, att, pos, cu = self._inputs(mb)
         with self._autocast():
-            return self.critic(
-                mb.input_ids, mb.attention_mask, resp, mb.position_ids, mb.cu_seqlens
-            )
+            return self.critic(ids, att, self._to(resp), pos, cu)
 
     @torch.no_grad()
     def _full_pass(self, fn: Callable, batch: TrainBatch) -> torch.Tensor:
         """fn(micro_batch, response_mask) over the whole batch, back in the [B, L] layout."""
         out = torch.zeros(batch.response_mask.shape)
         for mb, active in self._micro_batches(batch, list(range(batch.input_ids.shape[0]))):
-            y = fn(mb, mb.gather(batch.response_mask)).float()
+            y = fn(mb, mb.gather(batch.response_mask)).float().cpu()
             if active:
                 mb.scatter(y, out)
         return self._all_reduce(out)
@@ -239,7 +269,7 @@ class TrainerWorker:
             weights = token_weights(in_mb, al.loss_agg, norm_len)  # this mini-batch's loss
             mbs = self._micro_batches(batch, rows)
             for i, (mb, active) in enumerate(mbs):
-                x = {k: None if v is None else mb.gather(v) for k, v in fields.items()}
+                x = {k: None if v is None else self._to(mb.gather(v)) for k, v in fields.items()}
                 logp, ent = self._logp(self.policy, mb, x["resp"])
                 mm = x["resp"]
                 old = logp.detach() if x["old"] is None else x["old"]
@@ -265,7 +295,7 @@ class TrainerWorker:
                     kl = kl_penalty(logp.detach(), x["ref"], al.kl.estimator) * mm
                 if al.entropy_coef:
                     tok = tok - al.entropy_coef * ent * mm
-                loss = (tok * mb.gather(weights)).sum()
+                loss = (tok * self._to(mb.gather(weights))).sum()
                 if not active:
                     loss = loss * 0.0
                 if not policy_frozen:
@@ -314,10 +344,12 @@ class TrainerWorker:
         total = 0.0
         clip = self.cfg.algorithm.critic.value_clip
         for i, (mb, active) in enumerate(mbs):
-            resp = mb.gather(fields["resp"])
-            v = self._values(mb, resp)
-            tok = value_loss(v, mb.gather(fields["old_v"]), mb.gather(fields["ret"]), resp, clip)
-            loss = (tok * mb.gather(weights)).sum() * (1.0 if active else 0.0)
+            resp, old_v, ret, w = (
+                self._to(mb.gather(x))
+                for x in (fields["resp"], fields["old_v"], fields["ret"], weights)
+            )
+            tok = value_loss(self._values(mb, resp), old_v, ret, resp, clip)
+            loss = (tok * w).sum() * (1.0 if active else 0.0)
             self.critic.backward(loss, last=i == len(mbs) - 1)
             total += float(loss.detach())
         self.critic.step()
@@ -346,12 +378,14 @@ class TrainerWorker:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def sync_join(self, addr: str, port: int, world: int, timeout_s: float = 300) -> None:
+    def sync_join(
+        self, addr: str, port: int, world: int, timeout_s: float = 300, backend: str = "gloo"
+    ) -> None:
         """Rank 0 joins the sync group as its sender (rank 0 of that group)."""
         from rlsys.weight_sync import SyncMember
 
         self.sync = None  # drop a previous group first
-        self.sync = SyncMember(addr, port, 0, world, timeout_s)
+        self.sync = SyncMember(addr, port, 0, world, timeout_s, backend)
 
     def sync_send(self, plan: list, dtype: str) -> int:
         """Broadcast the weights bucket by bucket (rank 0); the other ranks take part in the

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.config import ConfigError, RecipeConfig, load_recipe
+from rlsys.config import ConfigError, RecipeConfig, load_recipe, trainer_device
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +36,8 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("model.path=/no/such/model", "neither a zoo model"),
         ("model.path=recipes", "'recipes' has no config.json"),  # a folder, not a model
         ("trainer", "is not of the form key=value"),
+        ("trainer.device=gpu", "trainer.device: 'gpu' is not one of auto, cpu, cuda"),
+        ("trainer.device=cuda", "trainer.device=cuda needs a GPU for each trainer rank"),
     ],
 )
 def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
@@ -120,3 +122,11 @@ def test_rollout_threads_default_per_mode_and_cluster() -> None:
     assert rollout_threads(pinned, nodes=1) == 3
     with pytest.raises(ConfigError, match="cluster.rollout_threads must be > 0"):
         load_recipe(None, ["cluster.rollout_threads=0"])
+
+
+def test_trainer_device_follows_the_trainer_resources() -> None:
+    assert trainer_device(load_recipe(None)) == "cpu"
+    gpu = "cluster.trainer_resources={CPU: 1, GPU: 1}"
+    assert trainer_device(load_recipe(None, [gpu])) == "cuda"
+    assert trainer_device(load_recipe(None, [gpu, "trainer.device=cpu"])) == "cpu"
+    assert trainer_device(load_recipe(None, [gpu, "trainer.device=cuda"])) == "cuda"

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from rlsys.trainer.engine import free_port
-from rlsys.weight_sync import SharedWeights, SyncMember, make_plan, shm_path
+from rlsys.weight_sync import (
+    SharedWeights,
+    SyncMember,
+    broadcast_backend,
+    make_plan,
+    shm_path,
+)
 
 
 def test_plan_buckets_by_size() -> None:
@@ -87,3 +93,9 @@ def test_shared_weights_cast_into_shm_and_read_back() -> None:
         writer.write([[(n, huge[n]) for n, _ in b] for b in plan])  # but every value is finite
     finally:
         os.unlink(path)
+
+
+def test_broadcast_backend_is_nccl_only_gpu_to_gpu() -> None:
+    assert broadcast_backend("cuda", 1) == "nccl"
+    assert broadcast_backend("cuda", 0) == "gloo"  # CPU rollout workers: gloo, CPU buffers
+    assert broadcast_backend("cpu", 1) == "gloo"
