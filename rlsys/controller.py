@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from rlsys.config import (
     ConfigError,
     RecipeConfig,
+    rollout_device,
     rollout_threads,
     to_dict,
     to_yaml,
@@ -166,6 +167,15 @@ def _run(
         f"torch threads: trainer {cfg.cluster.threads_per_actor or 'all cores'}, "
         f"rollout workers {cfg.cluster.rollout_threads or 'all cores'} each ({nodes} node(s))"
     )
+    devices = (trainer_device(cfg), rollout_device(cfg))
+    gpus = sum(n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"])
+    logger.info(f"devices: trainer {devices[0]}, rollout workers {devices[1]}")
+    if gpus and "cuda" not in devices:
+        logger.info(
+            f"[yellow]the Ray cluster has {gpus:g} GPU(s) and no role uses one: give them "
+            "to the roles with cluster.trainer_resources / cluster.rollout_resources "
+            "(e.g. '{CPU: 4, GPU: 1}')"
+        )
     cfg_d = to_dict(cfg)
     r = cfg.rollout
     workers = RolloutPool(cfg_d, model_path, r.workers)
@@ -174,7 +184,7 @@ def _run(
     buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
     # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
     workers.ready()
-    backend = broadcast_backend(trainer_device(cfg), cfg.cluster.rollout_resources.get("GPU", 0))
+    backend = broadcast_backend(trainer_device(cfg), rollout_device(cfg))
     sync = WeightSync(
         trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method, cfg.sync.timeout_s, backend
     )

@@ -176,10 +176,10 @@ class SharedWeights:
         return {k: v for b in self.buckets for k, v in b.items()}
 
 
-def broadcast_backend(trainer_device: str, rollout_gpus: float) -> str:
-    """The broadcast group's backend: NCCL when the trainer and every rollout worker hold a
-    GPU (weights go GPU to GPU), gloo otherwise (one process group has one backend)."""
-    return "nccl" if trainer_device == "cuda" and rollout_gpus > 0 else "gloo"
+def broadcast_backend(trainer_device: str, rollout_device: str) -> str:
+    """The broadcast group's backend: NCCL when the trainer and the rollout workers are on
+    GPUs (weights go GPU to GPU), gloo otherwise (one process group has one backend)."""
+    return "nccl" if trainer_device == rollout_device == "cuda" else "gloo"
 
 
 def shm_path() -> str:

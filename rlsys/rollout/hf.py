@@ -45,8 +45,8 @@ class HFGenerator:
             mask[i, width - len(p) :] = 1
         torch.manual_seed(seed)
         out = self.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(self.model.device),
+            attention_mask=mask.to(self.model.device),
             do_sample=not greedy,
             temperature=None if greedy else temperature,
             top_p=None if greedy else top_p,

@@ -13,16 +13,18 @@ from typing import Any
 
 import torch
 
-from rlsys.config import RecipeConfig, from_dict
+from rlsys.config import RecipeConfig, from_dict, rollout_device
 from rlsys.data import Prompt
 from rlsys.reward import RewardInput, build_scorer
 from rlsys.rollout.hf import HFGenerator
 from rlsys.types import Sample, SampleGroup, Status
 
 
-def setup_actor_process(threads: int | None) -> None:
+def setup_actor_process(threads: int | None, device: str = "cpu", role: str = "") -> torch.device:
     """Threads, malloc settings and quiet libraries for a compute actor (Ray sets
-    OMP_NUM_THREADS=1; `rlsys.allocator`: freed memory stays mapped for the next step)."""
+    OMP_NUM_THREADS=1; `rlsys.allocator`: freed memory stays mapped for the next step).
+    Returns the actor's torch device: for "cuda", the one GPU Ray gave the actor (the first
+    visible one); `role` ("trainer" | "rollout") names the config key when there is none."""
     import transformers
 
     from rlsys.allocator import keep_freed_memory
@@ -31,6 +33,15 @@ def setup_actor_process(threads: int | None) -> None:
     keep_freed_memory()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if device != "cuda":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{role}.device is cuda but this process sees no CUDA device: check "
+            f"cluster.{role}_resources.GPU and the node's GPUs, or set {role}.device=cpu"
+        )
+    torch.cuda.set_device(0)
+    return torch.device("cuda", 0)
 
 
 class RolloutWorker:
@@ -39,11 +50,13 @@ class RolloutWorker:
 
         self.cfg: RecipeConfig = from_dict(cfg)
         # the controller resolves rollout_threads (`config.rollout_threads`) before it starts us
-        setup_actor_process(self.cfg.cluster.rollout_threads or self.cfg.cluster.threads_per_actor)
+        threads = self.cfg.cluster.rollout_threads or self.cfg.cluster.threads_per_actor
+        self.device = setup_actor_process(threads, rollout_device(self.cfg), "rollout")
         self.worker_id = worker_id
         dtype = getattr(torch, self.cfg.rollout.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+        self.model.to(self.device)
         eos = self.model.generation_config.eos_token_id
         eos_ids = list(eos) if isinstance(eos, list) else [eos]
         if self.tokenizer.eos_token_id is not None:
@@ -57,7 +70,9 @@ class RolloutWorker:
         if r.engine == "native":
             from rlsys.rollout.native import NativeEngine
 
-            ncfg = NativeEngine.Config(dtype=r.dtype, max_batch=r.max_batch, max_seq_len=context)
+            ncfg = NativeEngine.Config(
+                dtype=r.dtype, device=str(self.device), max_batch=r.max_batch, max_seq_len=context
+            )
             self.native = NativeEngine.from_hf_model(self.model, self.tokenizer, ncfg)
         elif r.engine == "vllm":
             from rlsys.rollout.vllm import VLLMEngine

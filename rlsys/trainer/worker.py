@@ -56,20 +56,13 @@ class TrainerWorker:
 
         self._base_rss = _rss_gb()
         self.cfg: RecipeConfig = from_dict(cfg)
-        setup_actor_process(self.cfg.cluster.threads_per_actor)
+        self.device = setup_actor_process(
+            self.cfg.cluster.threads_per_actor, trainer_device(self.cfg), "trainer"
+        )
         if master is None:
             if world_size != 1:
                 raise ValueError("several trainer ranks need a master (address, port)")
             master = ("127.0.0.1", free_port())
-        self.device = torch.device(trainer_device(self.cfg))
-        if self.device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise RuntimeError(
-                    "trainer.device is cuda but this trainer rank sees no CUDA device (check "
-                    "cluster.trainer_resources.GPU and the node's GPUs), or set trainer.device=cpu"
-                )
-            torch.cuda.set_device(0)  # the one GPU Ray gave this rank
-            self.device = torch.device("cuda", 0)
         init_distributed(rank, world_size, *master, device=self.device.type)
         self.rank, self.world = rank, world_size
         torch.manual_seed(self.cfg.seed)

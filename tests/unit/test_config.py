@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from rlsys.config import ConfigError, RecipeConfig, load_recipe, trainer_device
+from rlsys.config import (
+    ConfigError,
+    RecipeConfig,
+    load_recipe,
+    rollout_device,
+    trainer_device,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,6 +44,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("trainer", "is not of the form key=value"),
         ("trainer.device=gpu", "trainer.device: 'gpu' is not one of auto, cpu, cuda"),
         ("trainer.device=cuda", "trainer.device=cuda needs a GPU for each trainer rank"),
+        ("rollout.device=cuda", "rollout.device=cuda needs a GPU for each rollout worker"),
     ],
 )
 def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
@@ -124,9 +131,12 @@ def test_rollout_threads_default_per_mode_and_cluster() -> None:
         load_recipe(None, ["cluster.rollout_threads=0"])
 
 
-def test_trainer_device_follows_the_trainer_resources() -> None:
+def test_devices_follow_the_resources() -> None:
     assert trainer_device(load_recipe(None)) == "cpu"
     gpu = "cluster.trainer_resources={CPU: 1, GPU: 1}"
     assert trainer_device(load_recipe(None, [gpu])) == "cuda"
     assert trainer_device(load_recipe(None, [gpu, "trainer.device=cpu"])) == "cpu"
     assert trainer_device(load_recipe(None, [gpu, "trainer.device=cuda"])) == "cuda"
+    assert rollout_device(load_recipe(None, [gpu])) == "cpu"  # the trainer's GPU only
+    rgpu = "cluster.rollout_resources={CPU: 1, GPU: 0.5}"
+    assert rollout_device(load_recipe(None, [rgpu])) == "cuda"

@@ -427,3 +427,29 @@ def test_bf16_packed_weights_load_from_one_buffer_and_in_parts(
         new["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16),
     )
     same()
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_cpu_and_takes_cpu_weights(hf, prompts, tiny_tokenizer):
+    """rollout.device=cuda: the engine on the GPU (fp32) decodes what the CPU engine decodes
+    (greedy tokens equal, logprobs to 1e-4: only summation order differs), loads a CPU
+    state dict pushed by weight sync, and runs in bf16 (no CPU weight packing there)."""
+    cpu = make_engine(hf, tiny_tokenizer)
+    gpu = make_engine(hf, tiny_tokenizer, device="cuda")
+    assert gpu.kv.device.type == "cuda"
+    reqs = [GenerationRequest(f"r{i}", p, greedy(12 + 2 * i)) for i, p in enumerate(prompts)]
+    sampled = SamplingParams(temperature=0.7, seed=3, max_new_tokens=10)
+    for a, b in zip(cpu.generate(reqs), gpu.generate(reqs), strict=True):
+        assert b.error is None and b.completions[0].token_ids == a.completions[0].token_ids
+        diff = torch.tensor(a.completions[0].logprobs) - torch.tensor(b.completions[0].logprobs)
+        assert diff.abs().max().item() < 1e-4
+    res = gpu.generate([GenerationRequest("s", prompts[2], sampled, n=4)])[0]
+    assert res.error is None and len({tuple(c.token_ids) for c in res.completions}) > 1
+    new_state = perturbed(hf)  # CPU tensors, as weight sync delivers them
+    cpu.update_weights(new_state, version=2)
+    gpu.update_weights(new_state, version=2)
+    a, b = (e.generate([GenerationRequest("u", prompts[3], greedy(16))])[0] for e in (cpu, gpu))
+    assert b.version == 2 and b.completions[0].token_ids == a.completions[0].token_ids
+    bf16 = make_engine(hf, tiny_tokenizer, device="cuda", dtype="bfloat16")
+    out = bf16.generate(reqs)
+    assert all(r.error is None and r.completions[0].token_ids for r in out)

@@ -96,6 +96,6 @@ def test_shared_weights_cast_into_shm_and_read_back() -> None:
 
 
 def test_broadcast_backend_is_nccl_only_gpu_to_gpu() -> None:
-    assert broadcast_backend("cuda", 1) == "nccl"
-    assert broadcast_backend("cuda", 0) == "gloo"  # CPU rollout workers: gloo, CPU buffers
-    assert broadcast_backend("cpu", 1) == "gloo"
+    assert broadcast_backend("cuda", "cuda") == "nccl"
+    assert broadcast_backend("cuda", "cpu") == "gloo"  # CPU rollout workers: CPU buffers
+    assert broadcast_backend("cpu", "cuda") == "gloo"

@@ -1,4 +1,5 @@
-"""The trainer on a GPU (`trainer.device`): a step there equals the same step on the CPU.
+"""The trainer on a GPU (`trainer.device`): a step there equals the same step on the CPU;
+a CUDA device asked for where there is none is a clear error (trainer and rollout workers).
 
 Each run is a fresh child process (a process holds one DeepSpeed accelerator and one process
 group): it trains two steps on the same synthetic groups and saves the metrics and the
@@ -50,7 +51,7 @@ def _run(overrides: list[str], tmp_path: Path, name: str) -> dict:
     out = tmp_path / f"{name}.pt"
     path = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
-    code = f"from unit.test_trainer_device import _child; _child({json.dumps(overrides)}, {str(out)!r})"
+    code = f"from unit.test_devices import _child; _child({json.dumps(overrides)}, {str(out)!r})"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(out, weights_only=False)
@@ -62,8 +63,18 @@ def test_cuda_trainer_without_a_gpu_says_so(tiny_model_path, monkeypatch) -> Non
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = load_recipe(None, ["model.path=tiny-llama", GPU])
-    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+    with pytest.raises(RuntimeError, match="trainer.device is cuda but this process sees no"):
         TrainerWorker(to_dict(cfg), tiny_model_path)
+
+
+def test_cuda_rollout_worker_without_a_gpu_says_so(tiny_model_path, monkeypatch) -> None:
+    from rlsys.config import load_recipe, to_dict
+    from rlsys.rollout.worker import RolloutWorker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_recipe(None, ["model.path=tiny-llama", "cluster.rollout_resources={GPU: 1}"])
+    with pytest.raises(RuntimeError, match="rollout.device is cuda but this process sees no"):
+        RolloutWorker(to_dict(cfg), tiny_model_path)
 
 
 def test_child_run_reports_its_device(tmp_path: Path) -> None:
