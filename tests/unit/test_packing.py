@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlsys.buffer.packing import balance, first_fit_decreasing, micro_batches
+from rlsys.buffer.packing import balance, first_fit_decreasing, micro_batches, pack_bins
 from rlsys.trainer.logprobs import token_logprobs
 from rlsys.trainer.losses import aggregate, denominator, token_weights
 
@@ -18,6 +18,30 @@ def test_first_fit_decreasing_respects_budget_and_covers_all() -> None:
         assert total <= 10 or len(b) == 1  # 12 > budget gets a bin of its own
     # FFD by hand: 12 alone | 9 (+1 later) | 7+3 | 5+5 | 2 (no bin has room 2 left after 1 went to 9)
     assert [sorted(lengths[i] for i in b) for b in bins] == [[12], [1, 9], [3, 7], [5, 5], [2]]
+
+
+def test_pack_bins_evens_out_ffd_bins() -> None:
+    # 20 samples of 5 tokens, budget 40: FFD fills 40 + 40 + 20; the even split of 3 bins is
+    # 35 + 35 + 30 (whole samples)
+    lengths = [5] * 20
+    assert [len(b) * 5 for b in first_fit_decreasing(lengths, 40)] == [40, 40, 20]
+    assert sorted(len(b) * 5 for b in pack_bins(lengths, 40)) == [30, 35, 35]
+    # an item over the budget stays alone: FFD's bins are kept if the split would join it
+    assert pack_bins([12, 1, 1], 10) == first_fit_decreasing([12, 1, 1], 10)
+
+
+def test_pack_bins_never_fuller_than_ffd() -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        lengths = torch.randint(1, 70, (n,), generator=g).tolist()
+        budget = int(torch.randint(60, 200, (1,), generator=g))
+        ffd, bins = first_fit_decreasing(lengths, budget), pack_bins(lengths, budget)
+        assert sorted(i for b in bins for i in b) == list(range(n)), trial
+        assert len(bins) == len(ffd)  # as many micro-batches as before
+        load = [sum(lengths[i] for i in b) for b in bins]
+        assert max(load) <= max(sum(lengths[i] for i in b) for b in ffd)
+        assert all(x <= budget or len(b) == 1 for x, b in zip(load, bins, strict=True))
 
 
 def test_balance_karmarkar_karp() -> None:
