@@ -91,22 +91,26 @@ def balance(weights: list[int], k: int) -> list[list[int]]:
 
 
 def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices of `lengths` in as many bins as first-fit-decreasing needs, with the tokens
-    spread evenly over them (`balance`): FFD fills its first bins to the brim and leaves the
-    rest to the last (quickstart: 2048 + 2048 + 64 tokens), and a step's peak memory follows
-    its largest micro-batch. FFD's own bins are kept when the even split would put more
-    tokens in a bin than FFD's fullest (or over `max_tokens`, an item alone excepted)."""
+    """Indices of `lengths` in as many bins as first-fit-decreasing needs: FFD's first
+    (fullest) bin, then the other items spread evenly (`balance`) over the other bins.
+
+    Why: a step's peak memory is that of its worst micro-batch, and every micro-batch after
+    the first runs with the accumulated gradients already held, so the first may be the
+    largest; FFD fills its later bins to the brim too and leaves the rest to the last
+    (quickstart: 2048 + 2048 + 64 tokens -> 2048 + 1056 + 1056). FFD's own bins are kept when
+    the even split would put more tokens in a later bin than FFD's fullest later bin (or over
+    `max_tokens`, an item alone excepted)."""
     bins = first_fit_decreasing(lengths, max_tokens)
-    if len(bins) < 2:
+    if len(bins) < 3:
         return bins
-    cap = max(sum(lengths[i] for i in b) for b in bins)
-    parts = balance(lengths, len(bins))
-    load = [sum(lengths[i] for i in p) for p in parts]
-    if all(parts) and all(
-        n <= cap and (n <= max_tokens or len(p) == 1) for n, p in zip(load, parts, strict=True)
-    ):
-        return sorted(parts)
-    return bins
+    rest = [i for b in bins[1:] for i in b]
+    parts = [[rest[j] for j in p] for p in balance([lengths[i] for i in rest], len(bins) - 1)]
+    cap = max(sum(lengths[i] for i in b) for b in bins[1:])
+    for p in parts:
+        n = sum(lengths[i] for i in p)
+        if not p or n > cap or (n > max_tokens and len(p) > 1):
+            return bins
+    return [bins[0], *parts]
 
 
 def padded_micro_batch(
@@ -158,8 +162,9 @@ def micro_batches(
     max_tokens: int,
     max_samples: int,
 ) -> list[MicroBatch]:
-    """Split `rows` of a batch into micro-batches: packed bins of <= max_tokens tokens, as
-    even as `pack_bins` makes them, or padded chunks of <= max_samples samples."""
+    """Split `rows` of a batch into micro-batches: packed bins of <= max_tokens tokens
+    (`pack_bins`: the first the fullest, the others even), or padded chunks of <= max_samples
+    samples."""
     if packing:
         bins = pack_bins([int(lengths[r]) for r in rows], max_tokens)
         return [packed_micro_batch(lengths, [rows[i] for i in b], input_ids) for b in bins]

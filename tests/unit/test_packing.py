@@ -20,27 +20,35 @@ def test_first_fit_decreasing_respects_budget_and_covers_all() -> None:
     assert [sorted(lengths[i] for i in b) for b in bins] == [[12], [1, 9], [3, 7], [5, 5], [2]]
 
 
-def test_pack_bins_evens_out_ffd_bins() -> None:
-    # 20 samples of 5 tokens, budget 40: FFD fills 40 + 40 + 20; the even split of 3 bins is
-    # 35 + 35 + 30 (whole samples)
+def test_pack_bins_first_bin_full_then_even() -> None:
+    # 20 samples of 5 tokens, budget 40: FFD fills 40 + 40 + 20; pack_bins keeps the first
+    # bin (no gradients are held yet during the first micro-batch) and splits the other 60
+    # tokens evenly: 40 + 30 + 30
     lengths = [5] * 20
     assert [len(b) * 5 for b in first_fit_decreasing(lengths, 40)] == [40, 40, 20]
-    assert sorted(len(b) * 5 for b in pack_bins(lengths, 40)) == [30, 35, 35]
-    # an item over the budget stays alone: FFD's bins are kept if the split would join it
-    assert pack_bins([12, 1, 1], 10) == first_fit_decreasing([12, 1, 1], 10)
+    bins = pack_bins(lengths, 40)
+    assert [len(b) * 5 for b in bins] == [40, 30, 30]
+    assert bins[0] == first_fit_decreasing(lengths, 40)[0]
+    # two bins: FFD's (the big one first, the rest after)
+    assert pack_bins([5] * 10, 40) == first_fit_decreasing([5] * 10, 40)
+    # items over the budget stay alone
+    lengths = [12, 1, 1, 11, 9, 9]
+    bins = pack_bins(lengths, 10)
+    assert sorted(sorted(lengths[i] for i in b) for b in bins) == [[1, 9], [1, 9], [11], [12]]
 
 
 def test_pack_bins_never_fuller_than_ffd() -> None:
     g = torch.Generator().manual_seed(0)
-    for trial in range(200):
+    for trial in range(300):
         n = int(torch.randint(1, 40, (1,), generator=g))
         lengths = torch.randint(1, 70, (n,), generator=g).tolist()
         budget = int(torch.randint(60, 200, (1,), generator=g))
         ffd, bins = first_fit_decreasing(lengths, budget), pack_bins(lengths, budget)
         assert sorted(i for b in bins for i in b) == list(range(n)), trial
-        assert len(bins) == len(ffd)  # as many micro-batches as before
+        assert len(bins) == len(ffd) and bins[0] == ffd[0]  # as many, the same first
         load = [sum(lengths[i] for i in b) for b in bins]
-        assert max(load) <= max(sum(lengths[i] for i in b) for b in ffd)
+        ffd_load = [sum(lengths[i] for i in b) for b in ffd]
+        assert max(load[1:], default=0) <= max(ffd_load[1:], default=0)
         assert all(x <= budget or len(b) == 1 for x, b in zip(load, bins, strict=True))
 
 
