@@ -12,7 +12,11 @@ states), then one step under the PyTorch allocator's profiler (`remax_vs_ppo.All
 the peak bytes handed out and not yet taken back, allocator-exact) and `--steps` timed steps.
 Peak = live tensors after the build + that steady-step peak.
 
-    .venv/bin/python benchmarks/micro_batching.py [--steps 2]   # ~5 min
+Step time: the best of `--rounds` children per policy, run alternately (this machine's step
+times move by 10-20% from run to run; the peaks are allocator-exact: `*_peak_spread_gb` is
+their spread over the rounds).
+
+    .venv/bin/python benchmarks/micro_batching.py [--steps 2 --rounds 2]   # ~9 min
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def child(groups: int, policy: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--child", nargs=2, metavar=("GROUPS", "POLICY"))
     args = ap.parse_args()
     if args.child:
@@ -77,17 +82,23 @@ def main() -> None:
     fig: dict[str, float] = {}
     print(f"{'shape':6} {'policy':10} {'micro-batch tokens':28} {'peak GB':>8} {'s/step':>7}")
     for shape, groups in SHAPES.items():
+        runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
+        for _ in range(args.rounds):
+            for policy in POLICIES:
+                cmd = [sys.executable, __file__, "--child", str(groups), policy]
+                out = subprocess.run(
+                    [*cmd, "--steps", str(args.steps)], check=True, capture_output=True, text=True
+                ).stdout
+                runs[policy].append(json.loads(out.strip().splitlines()[-1]))
         for policy in POLICIES:
-            cmd = [sys.executable, __file__, "--child", str(groups), policy]
-            out = subprocess.run(
-                [*cmd, "--steps", str(args.steps)], check=True, capture_output=True, text=True
-            ).stdout
-            r = json.loads(out.strip().splitlines()[-1])
+            r = min(runs[policy], key=lambda x: x["step_s"])
+            peaks = [x["peak_gb"] for x in runs[policy]]
             bins = "+".join(str(b) for b in r["bins"])
             print(f"{shape:6} {policy:10} {bins:28} {r['peak_gb']:8.3f} {r['step_s']:7.2f}")
             fig[f"{shape}_{policy}_peak_gb"] = round(r["peak_gb"], 3)
             fig[f"{shape}_{policy}_step_s"] = round(r["step_s"], 2)
             fig[f"{shape}_{policy}_largest_later_bin"] = max(r["bins"][1:], default=0)
+            fig[f"{shape}_{policy}_peak_spread_gb"] = round(max(peaks) - min(peaks), 6)
         fig[f"{shape}_peak_saved_gb"] = round(
             fig[f"{shape}_ffd_peak_gb"] - fig[f"{shape}_pack_bins_peak_gb"], 3
         )

@@ -91,8 +91,8 @@ def balance(weights: list[int], k: int) -> list[list[int]]:
 
 
 def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices of `lengths` in as many bins as first-fit-decreasing needs: FFD's first
-    (fullest) bin, then the other items spread evenly (`balance`) over the other bins.
+    """Indices of `lengths` in as many bins as first-fit-decreasing needs: FFD's fullest bin
+    first, then the other items spread evenly (`balance`) over the other bins.
 
     Why: a step's peak memory is that of its worst micro-batch, and every micro-batch after
     the first runs with the accumulated gradients already held, so the first may be the
@@ -101,6 +101,7 @@ def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
     the even split would put more tokens in a later bin than FFD's fullest later bin (or over
     `max_tokens`, an item alone excepted)."""
     bins = first_fit_decreasing(lengths, max_tokens)
+    bins.sort(key=lambda b: -sum(lengths[i] for i in b))  # stable: ties keep FFD's order
     if len(bins) < 3:
         return bins
     rest = [i for b in bins[1:] for i in b]

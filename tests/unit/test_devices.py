@@ -77,12 +77,15 @@ def test_cuda_rollout_worker_without_a_gpu_says_so(tiny_model_path, monkeypatch)
         RolloutWorker(to_dict(cfg), tiny_model_path)
 
 
-def test_child_run_reports_its_device(tmp_path: Path) -> None:
-    """The harness the GPU comparisons use, on the CPU: two steps that change the weights."""
-    r = _run([*FP32, *GRPO], tmp_path, "cpu")
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_child_run_reports_its_device(tmp_path: Path, algo: str) -> None:
+    """The harness the GPU comparisons use, on the CPU: two steps of each configuration."""
+    r = _run([*FP32, *{"grpo": GRPO, "ppo": PPO}[algo]], tmp_path, "cpu")
     assert r["device"] == "cpu"
     assert all(m["train/loss"] == m["train/loss"] for m in r["metrics"])  # not NaN
     assert r["metrics"][1]["train/version"] == 2
+    assert any(k.startswith("critic.") for k in r["params"]) == (algo == "ppo")
+    assert ("train/value_loss" in r["metrics"][0]) == (algo == "ppo")
 
 
 def _compare(

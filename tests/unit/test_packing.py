@@ -29,8 +29,9 @@ def test_pack_bins_first_bin_full_then_even() -> None:
     bins = pack_bins(lengths, 40)
     assert [len(b) * 5 for b in bins] == [40, 30, 30]
     assert bins[0] == first_fit_decreasing(lengths, 40)[0]
-    # two bins: FFD's (the big one first, the rest after)
+    # two bins: FFD's, the fuller first
     assert pack_bins([5] * 10, 40) == first_fit_decreasing([5] * 10, 40)
+    assert pack_bins([6, 5, 5], 10) == [[1, 2], [0]]  # FFD: [6] | [5, 5]
     # items over the budget stay alone
     lengths = [12, 1, 1, 11, 9, 9]
     bins = pack_bins(lengths, 10)
@@ -45,9 +46,9 @@ def test_pack_bins_never_fuller_than_ffd() -> None:
         budget = int(torch.randint(60, 200, (1,), generator=g))
         ffd, bins = first_fit_decreasing(lengths, budget), pack_bins(lengths, budget)
         assert sorted(i for b in bins for i in b) == list(range(n)), trial
-        assert len(bins) == len(ffd) and bins[0] == ffd[0]  # as many, the same first
         load = [sum(lengths[i] for i in b) for b in bins]
-        ffd_load = [sum(lengths[i] for i in b) for b in ffd]
+        ffd_load = sorted((sum(lengths[i] for i in b) for b in ffd), reverse=True)
+        assert len(bins) == len(ffd) and load[0] == ffd_load[0]  # as many; FFD's fullest first
         assert max(load[1:], default=0) <= max(ffd_load[1:], default=0)
         assert all(x <= budget or len(b) == 1 for x, b in zip(load, bins, strict=True))
 
