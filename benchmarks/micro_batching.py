@@ -1,12 +1,13 @@
 """Trainer peak memory and step time: packed micro-batches as first-fit-decreasing makes them
-vs `pack_bins` (FFD's first bin, the other tokens spread evenly over the other bins).
+vs `pack_bins` (FFD's fullest bin first, then the other samples, longest first, cut into
+runs of near-equal token counts).
 
 A step's peak is that of its worst micro-batch, and every micro-batch after the first runs
 beside the gradients accumulated so far; FFD fills its later bins to the brim too (8 groups of
 the quickstart: 2048 + 2048 + 64 tokens). Both policies give the same number of micro-batches.
 
 Each (shape, policy) runs in a fresh child process: the real `TrainerWorker` from
-`recipes/quickstart.yaml`, fed quickstart-shaped groups (`trainer_step.make_groups`: 40-56
+`recipes/quickstart.yaml`, fed quickstart-shaped groups (8, 12 and 16 of them) (`trainer_step.make_groups`: 40-56
 prompt and 6-24 response tokens, 8 samples per group), one warm-up step (allocates the AdamW
 states), then one step under the PyTorch allocator's profiler (`remax_vs_ppo.AllocatorPeak`:
 the peak bytes handed out and not yet taken back, allocator-exact) and `--steps` timed steps.
@@ -16,7 +17,7 @@ Step time: the best of `--rounds` children per policy, run alternately (this mac
 times move by 10-20% from run to run; the peaks are allocator-exact: `*_peak_spread_gb` is
 their spread over the rounds).
 
-    .venv/bin/python benchmarks/micro_batching.py [--steps 2 --rounds 2]   # ~9 min
+    .venv/bin/python benchmarks/micro_batching.py [--steps 2 --rounds 2]   # ~14 min
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
 GB = 2**30
-SHAPES = {"q8": 8, "q16": 16}  # groups of 8 samples per step
+SHAPES = {"q8": 8, "q12": 12, "q16": 16}  # groups of 8 samples per step
 POLICIES = ("ffd", "pack_bins")
 
 

@@ -92,26 +92,46 @@ def balance(weights: list[int], k: int) -> list[list[int]]:
 
 def pack_bins(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Indices of `lengths` in as many bins as first-fit-decreasing needs: FFD's fullest bin
-    first, then the other items spread evenly (`balance`) over the other bins.
+    first, then the other items, longest first, cut into runs of near-equal token counts.
 
     Why: a step's peak memory is that of its worst micro-batch, and every micro-batch after
-    the first runs with the accumulated gradients already held, so the first may be the
-    largest; FFD fills its later bins to the brim too and leaves the rest to the last
-    (quickstart: 2048 + 2048 + 64 tokens -> 2048 + 1056 + 1056). FFD's own bins are kept when
-    the even split would put more tokens in a later bin than FFD's fullest later bin (or over
+    the first runs beside the gradients accumulated so far; FFD fills its later bins to the
+    brim too and leaves the rest to the last (quickstart: 2048 + 2024 + 157 tokens -> 2048 +
+    1091 + 1090). Runs of the length order keep each row's samples of similar lengths, as
+    FFD's rows are: the CPU attention pads each row's samples to their length group's
+    longest, and rows of mixed lengths peaked higher at the same token count. FFD's own bins
+    are kept when a run would hold more tokens than FFD's fullest later bin (or over
     `max_tokens`, an item alone excepted)."""
     bins = first_fit_decreasing(lengths, max_tokens)
     bins.sort(key=lambda b: -sum(lengths[i] for i in b))  # stable: ties keep FFD's order
     if len(bins) < 3:
         return bins
-    rest = [i for b in bins[1:] for i in b]
-    parts = [[rest[j] for j in p] for p in balance([lengths[i] for i in rest], len(bins) - 1)]
+    rest = sorted((i for b in bins[1:] for i in b), key=lambda i: (-lengths[i], i))
+    runs = _even_runs([lengths[i] for i in rest], len(bins) - 1)
+    parts = [sorted(rest[a:b]) for a, b in runs]
     cap = max(sum(lengths[i] for i in b) for b in bins[1:])
     for p in parts:
         n = sum(lengths[i] for i in p)
         if not p or n > cap or (n > max_tokens and len(p) > 1):
             return bins
     return [bins[0], *parts]
+
+
+def _even_runs(sizes: list[int], k: int) -> list[tuple[int, int]]:
+    """[start, end) of k consecutive runs of `sizes` with near-equal sums: each run takes the
+    next item while that brings its sum closer to (what is left) / (runs left)."""
+    runs, start, left = [], 0, sum(sizes)
+    for j in range(k - 1):
+        target, acc, end = left / (k - j), 0, start
+        while end < len(sizes) - (k - 1 - j) and (
+            end == start or abs(acc + sizes[end] - target) < abs(acc - target)
+        ):
+            acc += sizes[end]
+            end += 1
+        runs.append((start, end))
+        start, left = end, left - acc
+    runs.append((start, len(sizes)))
+    return runs
 
 
 def padded_micro_batch(

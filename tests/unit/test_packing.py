@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from rlsys.buffer.packing import balance, first_fit_decreasing, micro_batches, pack_bins
+from rlsys.buffer.packing import (
+    _even_runs,
+    balance,
+    first_fit_decreasing,
+    micro_batches,
+    pack_bins,
+)
 from rlsys.trainer.logprobs import token_logprobs
 from rlsys.trainer.losses import aggregate, denominator, token_weights
 
@@ -36,6 +42,14 @@ def test_pack_bins_first_bin_full_then_even() -> None:
     lengths = [12, 1, 1, 11, 9, 9]
     bins = pack_bins(lengths, 10)
     assert sorted(sorted(lengths[i] for i in b) for b in bins) == [[1, 9], [1, 9], [11], [12]]
+
+
+def test_even_runs_by_hand() -> None:
+    assert _even_runs([5] * 6, 3) == [(0, 2), (2, 4), (4, 6)]
+    # target 20/2 = 10: 9 (off by 1), + 8 would be off by 7: stop; the rest is 8+2+1 = 11
+    assert _even_runs([9, 8, 2, 1], 2) == [(0, 1), (1, 4)]
+    # every run gets an item even when the first is far over the target
+    assert _even_runs([30, 1, 1], 3) == [(0, 1), (1, 2), (2, 3)]
 
 
 def test_pack_bins_never_fuller_than_ffd() -> None:
