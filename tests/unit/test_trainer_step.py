@@ -37,4 +37,11 @@ def test_packed_step_equals_padded_step(tiny_model_path, synthetic_groups, agg: 
     assert m1["train/micro_batches"] != m0["train/micro_batches"]  # really a different layout
     assert m0["train/loss"] == pytest.approx(m1["train/loss"], abs=1e-6)
     assert m0["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-5)
-    assert (p0 - p1).abs().max().item() < 1e-5
+    # The loss and the gradient norm are the sharp checks. AdamW's first step moves each
+    # weight by lr * g / (|g| + eps), ~lr * sign(g): a gradient that nearly cancels over the
+    # tokens (norm weights) keeps few significant digits, and the layout's summation order
+    # moves that step by up to ~1% of lr (measured: max 1.0e-5, at most 7 of the 106,816
+    # weights off by more than 1e-6); a gradient of another sign moves a weight by ~2 lr.
+    d = (p0 - p1).abs()
+    assert d.max().item() < 3e-5
+    assert int((d > 1e-6).sum()) <= 20
