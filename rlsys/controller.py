@@ -184,7 +184,7 @@ def _run(
     buffer = ray.remote(num_cpus=0)(StreamingBuffer).remote()
     # The rollout workers load the same checkpoint; from step 1 on they get pushed weights.
     workers.ready()
-    backend = broadcast_backend(trainer_device(cfg), rollout_device(cfg))
+    backend = broadcast_backend(*devices)
     sync = WeightSync(
         trainer, workers, r.dtype, cfg.sync.bucket_mb, cfg.sync.method, cfg.sync.timeout_s, backend
     )
