@@ -1,10 +1,10 @@
 """Does each algorithm raise the reward on the built-in task with the default model?
 
-Runs `recipes/{grpo,remax,ppo}.yaml` (SmolLM2-135M-Instruct, single-digit addition) for
+Runs `recipes/{grpo,remax,ppo}.yaml` (or `--algos`) (SmolLM2-135M-Instruct, single-digit addition) for
 `--steps` steps each, one after the other in one process (real Ray actors), and records the
 mean reward of the first 5 and the last 5 steps and the gain.
 
-    .venv/bin/python benchmarks/learning.py [--steps 20] [--algos grpo remax ppo]
+    .venv/bin/python benchmarks/learning.py [--steps 20] [--algos grpo remax ppo] [--name learning]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--algos", nargs="+", default=["grpo", "remax", "ppo"])
+    ap.add_argument("--name", default="learning", help="results/<name>.json")
     args = ap.parse_args()
     fig: dict = {"steps": args.steps}
     rows = []
@@ -58,7 +59,7 @@ def main() -> None:
     print(f"{'algo':8}{'first 5':>10}{'last 5':>10}{'gain':>8}{'wall s':>9}")
     for algo, first, last, wall in rows:
         print(f"{algo:8}{first:10.3f}{last:10.3f}{last - first:+8.3f}{wall:9.0f}")
-    print(f"wrote {write_results('learning', fig)}")
+    print(f"wrote {write_results(args.name, fig)}")
 
 
 if __name__ == "__main__":

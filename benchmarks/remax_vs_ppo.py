@@ -36,7 +36,10 @@ Secondary columns: the process's peak RSS (ru_maxrss, `*_peak_rss_gb`), which al
 runtime (~0.2-0.7 GB) and whatever the allocator keeps, and is not stable on CPU. Step time
 (`*_step_s`) is the mean over `--steps` further steps run without the profiler.
 
-    .venv/bin/python benchmarks/remax_vs_ppo.py [--steps 3]
+    .venv/bin/python benchmarks/remax_vs_ppo.py [--steps 3] [--set key=value ...]
+
+`--set` adds recipe overrides to both children (e.g. `trainer.precision=bf16`); the results
+file is written only without it (the headline configuration).
 """
 
 from __future__ import annotations
@@ -168,12 +171,12 @@ def make_groups(tokenizer, remax: bool, seed: int = 0):
     return groups
 
 
-def run_one(algo: str, steps: int) -> dict:
+def run_one(algo: str, steps: int, extra: list[str]) -> dict:
     from rlsys import models
     from rlsys.config import load_recipe, to_dict
     from rlsys.trainer.worker import TrainerWorker
 
-    cfg = load_recipe(ROOT / "recipes" / f"{algo}.yaml", SAME)
+    cfg = load_recipe(ROOT / "recipes" / f"{algo}.yaml", SAME + extra)
     path = models.resolve(cfg.model.path)
     torch.set_num_threads(2)
     base = current_rss_gb()  # Python + torch + transformers, before any trainer state
@@ -230,14 +233,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--child", choices=["remax", "ppo"])
+    ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides for both")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_one(args.child, args.steps)))
+        print(json.dumps(run_one(args.child, args.steps, args.set)))
         return
     res = {}
     for algo in ("remax", "ppo"):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", algo, "--steps", str(args.steps)],
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                algo,
+                "--steps",
+                str(args.steps),
+                "--set",
+                *args.set,
+            ],
             capture_output=True,
             text=True,
         )
@@ -309,7 +322,10 @@ def main() -> None:
         f"ReMax / PPO peak memory {fig['mem_ratio']:.2f}x (RSS {fig['rss_ratio']:.2f}x),"
         f" PPO / ReMax time {fig['speedup']:.2f}x"
     )
-    print(f"wrote {write_results('remax_vs_ppo', fig)}")
+    if args.set:
+        print(f"overrides {args.set}: results not written")
+    else:
+        print(f"wrote {write_results('remax_vs_ppo', fig)}")
 
 
 if __name__ == "__main__":

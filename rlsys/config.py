@@ -174,7 +174,8 @@ class AlgorithmConfig:
     group_baseline: bool = False
     """reinforce_pp: subtract the group mean before batch normalisation."""
     policy_loss: str = "clipped"
-    """clipped (PPO ratio clip) | reinforce (plain REINFORCE, ReMax)."""
+    """clipped (PPO ratio clip) | reinforce (plain REINFORCE, ReMax) | gspo (one clipped
+    ratio per sequence, GSPO; needs loss_agg seq-mean-token-mean, clips ~3e-4 / 4e-4)."""
     clip_low: float = 0.2
     """Ratio clip below: ratio >= 1 - clip_low."""
     clip_high: float = 0.2
@@ -526,6 +527,11 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("algorithm.critic.lr", al.critic.lr)
     _positive("algorithm.dynamic_sampling.max_rounds", al.dynamic_sampling.max_rounds, True)
     _positive("algorithm.overlong.buffer", al.overlong.buffer)
+    if al.policy_loss == "gspo" and al.loss_agg != "seq-mean-token-mean":
+        raise ConfigError(
+            "algorithm.policy_loss=gspo averages each sequence's tokens (GSPO's objective): set "
+            f"algorithm.loss_agg=seq-mean-token-mean (got '{al.loss_agg}')"
+        )
     if al.dual_clip is not None and al.dual_clip <= 1.0:
         raise ConfigError(f"algorithm.dual_clip must be > 1 (or null), got {al.dual_clip}")
     for k in ("gamma", "lam"):

@@ -10,6 +10,17 @@ Policy losses (A = advantage, ratio r_t = exp(logp_t - old_logp_t)):
 
 - `reinforce` (ReMax, Li et al. 2023): l_t = -A logp_t, no ratio and no clipping.
 
+- `gspo` (GSPO, Zheng et al. 2025): the clipped loss above with one ratio per sequence, the
+  length-normalised sequence likelihood ratio, in its token form (GSPO-token):
+
+      s_i = exp(mean_{t in o_i} (logp_t - old_logp_t))
+      r_t = sg[s_i] * exp(logp_t - sg[logp_t])       (value s_i, gradient s_i grad logp_t)
+
+  so a sequence is clipped as a whole. With `seq-mean-token-mean` aggregation (which the
+  recipe check requires) the gradient is that of GSPO's sequence objective
+  -mean_i min(s_i A_i, clip(s_i) A_i) for sequence-level A; the paper clips at 3e-4 / 4e-4.
+  log r_t is capped at 10, as in verl.
+
 Off-policy weights w_t multiply l_t (detached), with behaviour logprobs from the rollout engine
 and `old_logp` the trainer's pre-update (proximal) logprobs:
 
@@ -42,7 +53,7 @@ from __future__ import annotations
 
 import torch
 
-POLICY_LOSSES = ("clipped", "reinforce")
+POLICY_LOSSES = ("clipped", "reinforce", "gspo")
 OFF_POLICY = ("none", "tis", "decoupled")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -84,8 +95,11 @@ def policy_loss(
     if kind == "reinforce":
         loss = -advantages * logp
         clipped = torch.zeros_like(loss)
-    elif kind == "clipped":
-        ratio = torch.exp(logp - old_logp)
+    elif kind in ("clipped", "gspo"):
+        if kind == "clipped":
+            ratio = torch.exp(logp - old_logp)
+        else:
+            ratio = sequence_ratio(logp, old_logp, keep)
         pg1 = -advantages * ratio
         pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
         loss = torch.maximum(pg1, pg2)
@@ -103,6 +117,14 @@ def policy_loss(
         loss = loss * weights.detach()
     zero = torch.zeros_like(loss)
     return torch.where(keep, loss, zero), torch.where(keep, clipped, zero)
+
+
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """GSPO-token ratio [B, T]: exp(sg[mean_t (logp - old_logp)] + logp - sg[logp]), the mean
+    over each row's kept tokens (`logp` and `old_logp` already zero elsewhere)."""
+    n = keep.sum(dim=-1, keepdim=True).clamp(min=1)
+    log_s = ((logp - old_logp).sum(dim=-1, keepdim=True) / n).detach()
+    return torch.exp(torch.clamp(log_s + logp - logp.detach(), max=10.0))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:

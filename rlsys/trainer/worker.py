@@ -200,13 +200,19 @@ class TrainerWorker:
             return self.critic(ids, att, self._to(resp), pos, cu)
 
     @torch.no_grad()
-    def _full_pass(self, fn: Callable, batch: TrainBatch) -> torch.Tensor:
-        """fn(micro_batch, response_mask) over the whole batch, back in the [B, L] layout."""
+    def _full_pass(self, fn: Callable, batch: TrainBatch, minis: list[list[int]]) -> torch.Tensor:
+        """fn(micro_batch, response_mask) over the whole batch, back in the [B, L] layout,
+        computed in the micro-batches the update will use (those of each mini-batch's rows
+        `minis`). Under bf16 autocast a sample's logprobs depend on how the rows are packed
+        (SmolLM2: 0.026 per token on average between the whole batch's packing and one
+        mini-batch's, 1e-6 in fp32); the same packing makes the first mini-batch's ratio
+        exactly 1, and later ones measure only the policy's change."""
         out = torch.zeros(batch.response_mask.shape)
-        for mb, active in self._micro_batches(batch, list(range(batch.input_ids.shape[0]))):
-            y = fn(mb, mb.gather(batch.response_mask)).float().cpu()
-            if active:
-                mb.scatter(y, out)
+        for rows in minis:
+            for mb, active in self._micro_batches(batch, rows):
+                y = fn(mb, mb.gather(batch.response_mask)).float().cpu()
+                if active:
+                    mb.scatter(y, out)
         return self._all_reduce(out)
 
     def train_step(self, groups: list[SampleGroup]) -> dict[str, Any]:
@@ -218,15 +224,19 @@ class TrainerWorker:
         mask = batch.response_mask
         n_tok = max(batch.num_tokens, 1)
 
+        # mini-batches of whole groups, one optimizer step each
+        chunks = torch.arange(n_groups).chunk(t.mini_batches)
+        minis = [[g * n_per + j for g in c.tolist() for j in range(n_per)] for c in chunks]
+
         # 1. the no-grad passes this recipe needs
         need_old = t.mini_batches > 1 or al.kl.mode == "reward"
         old_lp = ref_lp = old_v = None
         if need_old:
-            old_lp = self._full_pass(lambda mb, r: self._logp(self.policy, mb, r)[0], batch)
+            old_lp = self._full_pass(lambda mb, r: self._logp(self.policy, mb, r)[0], batch, minis)
         if self.ref is not None:
-            ref_lp = self._full_pass(lambda mb, r: self._logp(self.ref, mb, r)[0], batch)
+            ref_lp = self._full_pass(lambda mb, r: self._logp(self.ref, mb, r)[0], batch, minis)
         if self.critic is not None:
-            old_v = self._full_pass(self._values, batch)
+            old_v = self._full_pass(self._values, batch, minis)
 
         # 2. advantages
         kl_coef = self.kl_ctl.value
@@ -241,7 +251,7 @@ class TrainerWorker:
             "ret": returns,
         }
 
-        # 3. mini-batches of whole groups, one optimizer step each
+        # 3. the updates, one per mini-batch
         sums: dict[str, float] = dict(stats)
         lr = self.policy.lr  # the LR of this step's (first) update
         local = dict.fromkeys(_LOCAL_KEYS, 0.0)
@@ -252,11 +262,9 @@ class TrainerWorker:
             reported.add("train/is_weight")
         if self.critic is not None:
             reported.add("train/value_loss")
-        chunks = torch.arange(n_groups).chunk(t.mini_batches)
         policy_frozen = self.critic is not None and self.version < al.critic.warmup_steps
         norm_len = al.norm_len or self.cfg.rollout.max_new_tokens
-        for chunk in chunks:
-            rows = [g * n_per + j for g in chunk.tolist() for j in range(n_per)]
+        for rows in minis:
             in_mb = torch.zeros_like(mask)
             in_mb[rows] = mask[rows]
             weights = token_weights(in_mb, al.loss_agg, norm_len)  # this mini-batch's loss

@@ -110,9 +110,76 @@ def test_ppo_gradient_equals_reinforce_gradient_at_ratio_one() -> None:
         aggregate(tok, mask, "token-mean", denominator(mask, "token-mean")).backward()
         grads.append(logp.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+    # GSPO at ratio 1 too (s_i = 1 inside any clip range): REINFORCE's gradient
+    logp = (torch.randn(3, 5, generator=torch.Generator().manual_seed(3)) - 2).requires_grad_()
+    tok, _ = policy_loss(logp, logp.detach(), adv, mask, "gspo", 3e-4, 4e-4)
+    aggregate(tok, mask, "token-mean", denominator(mask, "token-mean")).backward()
+    assert torch.allclose(logp.grad, grads[1], atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["clipped", "reinforce"])
+def test_gspo_by_hand() -> None:
+    # Row 0 (2 tokens, the third masked): logp - old = (0.3, -0.1), mean 0.1 -> s = e^0.1 =
+    # 1.10517 for both tokens. A = +1, clip 0.05 / 0.05: clip(s) = 1.05 < s -> l = -1.05,
+    # clipped. Row 1 (3 tokens): logp - old = (-0.2, 0.1, -0.05), mean -0.05 -> s = e^-0.05
+    # = 0.951229, inside [0.95, 1.05]: l = -A s = 0.951229 for A = -1, not clipped.
+    logp = T([[-1.0, -2.0, 9.0], [-0.5, -1.5, -2.0]], requires_grad=True)
+    old = T([[-1.3, -1.9, 0.0], [-0.3, -1.6, -1.95]])
+    adv = T([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    loss, clipped = policy_loss(logp, old, adv, mask, "gspo", 0.05, 0.05)
+    s1 = math.exp(-0.05)
+    assert torch.allclose(loss, T([[-1.05, -1.05, 0.0], [s1, s1, s1]]), atol=1e-6)
+    assert torch.equal(clipped, T([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    loss.sum().backward()
+    # row 0 is clipped (constant); row 1: d(-A s)/d logp_t = s for every kept token
+    assert torch.allclose(logp.grad, T([[0.0, 0.0, 0.0], [s1, s1, s1]]), atol=1e-6)
+
+
+def test_gspo_gradient_is_the_sequence_objective_gradient() -> None:
+    """GSPO-token, seq-mean-token-mean, equals the gradient of GSPO's sequence objective
+    -mean_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t(logp - old)), in float64; some
+    sequences inside the clip range, some outside."""
+    g = torch.Generator().manual_seed(5)
+    b, t = 6, 7
+    mask = (torch.rand(b, t, generator=g) > 0.3).double()
+    mask[:, 0] = 1.0
+    old = torch.randn(b, t, generator=g, dtype=torch.float64) - 2
+    delta = 0.04 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    adv_seq = torch.randn(b, 1, generator=g, dtype=torch.float64)
+    adv = adv_seq.expand(b, t)
+    lo, hi = 0.01, 0.015
+
+    logp = (old + delta).requires_grad_()
+    tok, clipped = policy_loss(logp, old, adv, mask, "gspo", lo, hi)
+    aggregate(tok, mask, "seq-mean-token-mean", denominator(mask, "seq-mean-token-mean")).backward()
+
+    ref = (old + delta).requires_grad_()
+    s = torch.exp(((ref - old) * mask).sum(-1) / mask.sum(-1))
+    a = adv_seq[:, 0]
+    (-torch.minimum(s * a, torch.clamp(s, 1 - lo, 1 + hi) * a)).mean().backward()
+    assert 0 < int(clipped[:, 0].sum()) < b  # both branches are exercised
+    torch.testing.assert_close(logp.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    # per-token ratios (PPO's clipped loss) give a different gradient here
+    logp2 = (old + delta).requires_grad_()
+    tok2, _ = policy_loss(logp2, old, adv, mask, "clipped", lo, hi)
+    aggregate(
+        tok2, mask, "seq-mean-token-mean", denominator(mask, "seq-mean-token-mean")
+    ).backward()
+    assert not torch.allclose(logp2.grad, ref.grad, atol=1e-6)
+
+
+def test_gspo_needs_sequence_mean_aggregation() -> None:
+    from rlsys.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_agg=seq-mean-token-mean"):
+        load_recipe(None, ["algorithm.policy_loss=gspo"])
+    cfg = load_recipe(
+        None, ["algorithm.policy_loss=gspo", "algorithm.loss_agg=seq-mean-token-mean"]
+    )
+    assert cfg.algorithm.policy_loss == "gspo"
+
+
+@pytest.mark.parametrize("kind", ["clipped", "reinforce", "gspo"])
 def test_masked_tokens_get_exactly_zero_gradient(kind: str) -> None:
     logp = T([[-0.5, -math.inf, -1.0], [-0.2, -0.3, math.nan]], requires_grad=True)
     mask = T([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
