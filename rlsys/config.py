@@ -175,7 +175,8 @@ class AlgorithmConfig:
     """reinforce_pp: subtract the group mean before batch normalisation."""
     policy_loss: str = "clipped"
     """clipped (PPO ratio clip) | reinforce (plain REINFORCE, ReMax) | gspo (one clipped
-    ratio per sequence, GSPO; needs loss_agg seq-mean-token-mean, clips ~3e-4 / 4e-4)."""
+    ratio per sequence, GSPO; needs loss_agg seq-mean-token-mean, clips ~3e-4 / 4e-4) |
+    cispo (REINFORCE times the clipped, detached ratio: no token loses its gradient)."""
     clip_low: float = 0.2
     """Ratio clip below: ratio >= 1 - clip_low."""
     clip_high: float = 0.2

@@ -21,6 +21,13 @@ Policy losses (A = advantage, ratio r_t = exp(logp_t - old_logp_t)):
   -mean_i min(s_i A_i, clip(s_i) A_i) for sequence-level A; the paper clips at 3e-4 / 4e-4.
   log r_t is capped at 10, as in verl.
 
+- `cispo` (CISPO, MiniMax-M1 2025): REINFORCE weighted by the clipped, detached ratio, so a
+  token outside the clip range keeps its gradient (scaled) instead of losing it:
+
+      l_t = -sg[clip(r_t, 1 - eps_low, 1 + eps_high)] A logp_t
+
+  (value at r = 1: -A logp_t, REINFORCE's; the paper leaves the low side unbounded).
+
 Off-policy weights w_t multiply l_t (detached), with behaviour logprobs from the rollout engine
 and `old_logp` the trainer's pre-update (proximal) logprobs:
 
@@ -53,7 +60,7 @@ from __future__ import annotations
 
 import torch
 
-POLICY_LOSSES = ("clipped", "reinforce", "gspo")
+POLICY_LOSSES = ("clipped", "reinforce", "gspo", "cispo")
 OFF_POLICY = ("none", "tis", "decoupled")
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOSS_AGG = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -95,6 +102,11 @@ def policy_loss(
     if kind == "reinforce":
         loss = -advantages * logp
         clipped = torch.zeros_like(loss)
+    elif kind == "cispo":
+        ratio = torch.exp(logp - old_logp).detach()
+        w = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        loss = -advantages * w * logp
+        clipped = (w != ratio).float()
     elif kind in ("clipped", "gspo"):
         if kind == "clipped":
             ratio = torch.exp(logp - old_logp)

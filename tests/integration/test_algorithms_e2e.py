@@ -12,7 +12,7 @@ from rlsys.config import load_recipe
 from rlsys.controller import train
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "remax", "ppo"]
+RECIPES = ["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "remax", "ppo"]
 pytestmark = pytest.mark.slow
 
 

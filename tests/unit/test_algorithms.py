@@ -104,12 +104,13 @@ def test_ppo_gradient_equals_reinforce_gradient_at_ratio_one() -> None:
     torch.manual_seed(2)
     adv, mask = torch.randn(3, 5), (torch.rand(3, 5) > 0.2).float()
     grads = []
-    for kind in ("clipped", "reinforce"):
+    for kind in ("clipped", "reinforce", "cispo"):
         logp = (torch.randn(3, 5, generator=torch.Generator().manual_seed(3)) - 2).requires_grad_()
         tok, _ = policy_loss(logp, logp.detach(), adv, mask, kind, 0.2, 0.2)
         aggregate(tok, mask, "token-mean", denominator(mask, "token-mean")).backward()
         grads.append(logp.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+    assert torch.allclose(grads[2], grads[1], atol=1e-7)  # CISPO
     # GSPO at ratio 1 too (s_i = 1 inside any clip range): REINFORCE's gradient
     logp = (torch.randn(3, 5, generator=torch.Generator().manual_seed(3)) - 2).requires_grad_()
     tok, _ = policy_loss(logp, logp.detach(), adv, mask, "gspo", 3e-4, 4e-4)
@@ -168,6 +169,26 @@ def test_gspo_gradient_is_the_sequence_objective_gradient() -> None:
     assert not torch.allclose(logp2.grad, ref.grad, atol=1e-6)
 
 
+def test_cispo_by_hand() -> None:
+    # ratio e^0.5 = 1.648721 clipped to 1 + 0.28 = 1.28; e^-0.1 = 0.904837 inside [0.8, 1.28].
+    # l = -A sg[w] logp: -2 * 1.28 * -1.0 = 2.56; -(-1) * 0.904837 * -2.0 = -1.809675.
+    logp = T([[-1.0, -2.0, 5.0]], requires_grad=True)
+    old, adv, mask = T([[-1.5, -1.9, 0.0]]), T([[2.0, -1.0, 3.0]]), T([[1.0, 1.0, 0.0]])
+    loss, clipped = policy_loss(logp, old, adv, mask, "cispo", 0.2, 0.28)
+    w1 = math.exp(-0.1)
+    assert torch.allclose(loss, T([[2.56, -2.0 * w1, 0.0]]), atol=1e-6)
+    assert torch.equal(clipped, T([[1.0, 0.0, 0.0]]))
+    loss.sum().backward()
+    # d l / d logp = -A sg[w]: the clipped token keeps a (capped) gradient, where PPO's clipped
+    # loss gives it none
+    assert torch.allclose(logp.grad, T([[-2.56, w1, 0.0]]), atol=1e-6)
+    ppo_logp = T([[-1.0]], requires_grad=True)
+    policy_loss(ppo_logp, T([[-1.5]]), T([[2.0]]), T([[1.0]]), "clipped", 0.2, 0.28)[
+        0
+    ].sum().backward()
+    assert ppo_logp.grad.item() == 0.0
+
+
 def test_gspo_needs_sequence_mean_aggregation() -> None:
     from rlsys.config import ConfigError
 
@@ -179,7 +200,7 @@ def test_gspo_needs_sequence_mean_aggregation() -> None:
     assert cfg.algorithm.policy_loss == "gspo"
 
 
-@pytest.mark.parametrize("kind", ["clipped", "reinforce", "gspo"])
+@pytest.mark.parametrize("kind", ["clipped", "reinforce", "gspo", "cispo"])
 def test_masked_tokens_get_exactly_zero_gradient(kind: str) -> None:
     logp = T([[-0.5, -math.inf, -1.0], [-0.2, -0.3, math.nan]], requires_grad=True)
     mask = T([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
