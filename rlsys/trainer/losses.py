@@ -91,8 +91,11 @@ def policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     weights: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token policy loss and per-token clipped indicator, both [B, T], zero where masked."""
+    """Per-token policy loss and per-token clipped indicator, both [B, T], zero where masked.
+    `seq_ids` [B, T] (integers) names each token's sequence, for `gspo` on packed rows that
+    hold several sequences; None: each row is one sequence."""
     # Zero the masked positions first (where(), not a product) so that they get exactly zero
     # gradient even when their logprob is inf/NaN (padding).
     keep = mask > 0
@@ -111,7 +114,7 @@ def policy_loss(
         if kind == "clipped":
             ratio = torch.exp(logp - old_logp)
         else:
-            ratio = sequence_ratio(logp, old_logp, keep)
+            ratio = sequence_ratio(logp, old_logp, keep, seq_ids)
         pg1 = -advantages * ratio
         pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
         loss = torch.maximum(pg1, pg2)
@@ -131,11 +134,25 @@ def policy_loss(
     return torch.where(keep, loss, zero), torch.where(keep, clipped, zero)
 
 
-def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def sequence_ratio(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    keep: torch.Tensor,
+    seq_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """GSPO-token ratio [B, T]: exp(sg[mean_t (logp - old_logp)] + logp - sg[logp]), the mean
-    over each row's kept tokens (`logp` and `old_logp` already zero elsewhere)."""
-    n = keep.sum(dim=-1, keepdim=True).clamp(min=1)
-    log_s = ((logp - old_logp).sum(dim=-1, keepdim=True) / n).detach()
+    over the kept tokens of each token's sequence: its row, or the tokens sharing its
+    `seq_ids` (`logp` and `old_logp` already zero where not kept)."""
+    d = (logp - old_logp).detach()
+    if seq_ids is None:
+        n = keep.sum(dim=-1, keepdim=True).clamp(min=1)
+        log_s = d.sum(dim=-1, keepdim=True) / n
+    else:
+        ids = seq_ids.reshape(-1).long()
+        size = int(ids.max()) + 1 if ids.numel() else 1
+        sums = d.new_zeros(size).index_add_(0, ids, d.reshape(-1))
+        n = d.new_zeros(size).index_add_(0, ids, keep.reshape(-1).to(d.dtype))
+        log_s = (sums / n.clamp(min=1))[ids].reshape(d.shape)
     return torch.exp(torch.clamp(log_s + logp - logp.detach(), max=10.0))
 
 

@@ -169,6 +169,35 @@ def test_gspo_gradient_is_the_sequence_objective_gradient() -> None:
     assert not torch.allclose(logp2.grad, ref.grad, atol=1e-6)
 
 
+def test_gspo_on_a_packed_row_equals_separate_rows() -> None:
+    """Two sequences packed into one row (with `seq_ids`) get the loss and gradient they get
+    as rows of their own: one ratio each, not one for the row."""
+    g = torch.Generator().manual_seed(7)
+    lp = torch.randn(2, 4, generator=g, dtype=torch.float64) - 1
+    old = lp + 0.01 * torch.randn(2, 4, generator=g, dtype=torch.float64)
+    adv = T([[1.0] * 4, [-1.0] * 4], dtype=torch.float64)
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    rows = lp.clone().requires_grad_()
+    loss_rows, clip_rows = policy_loss(rows, old, adv, mask, "gspo", 0.005, 0.005)
+    loss_rows.sum().backward()
+    # the packed row: sequence 0's three tokens, then sequence 1's two, then one pad
+    order = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (0, 3)]
+    pick = lambda x: torch.stack([x[b, t] for b, t in order]).unsqueeze(0)  # noqa: E731
+    packed = pick(lp).clone().requires_grad_()
+    ids = T([[0, 0, 0, 1, 1, 0]])
+    pmask = T([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    loss_p, clip_p = policy_loss(
+        packed, pick(old), pick(adv), pmask, "gspo", 0.005, 0.005, None, None, ids
+    )
+    loss_p.sum().backward()
+    torch.testing.assert_close(loss_p, pick(loss_rows).detach() * pmask)
+    torch.testing.assert_close(packed.grad, pick(rows.grad) * pmask)
+    assert torch.equal(clip_p, pick(clip_rows) * pmask)
+    # without the ids the row would be one sequence: a different loss
+    loss_one, _ = policy_loss(pick(lp), pick(old), pick(adv), pmask, "gspo", 0.005, 0.005)
+    assert not torch.allclose(loss_one, loss_p)
+
+
 def test_cispo_by_hand() -> None:
     # ratio e^0.5 = 1.648721 clipped to 1 + 0.28 = 1.28; e^-0.1 = 0.904837 inside [0.8, 1.28].
     # l = -A sg[w] logp: -2 * 1.28 * -1.0 = 2.56; -(-1) * 0.904837 * -2.0 = -1.809675.

@@ -45,3 +45,39 @@ def test_packed_step_equals_padded_step(tiny_model_path, synthetic_groups, agg: 
     d = (p0 - p1).abs()
     assert d.max().item() < 3e-5
     assert int((d > 1e-6).sum()) <= 20
+
+
+def test_packed_gspo_step_equals_padded_step(tiny_model_path, synthetic_groups) -> None:
+    """GSPO's one ratio per sequence holds in packed rows (several samples a row): with two
+    mini-batches the second one's ratios differ from 1, and the packed step still equals the
+    padded one (one sample a row)."""
+    results = []
+    for packing in (False, True):
+        cfg = load_recipe(
+            None,
+            [
+                "model.path=tiny-llama",
+                "trainer.autocast_bf16=false",
+                "trainer.lr=1e-3",
+                "trainer.mini_batches=2",
+                f"trainer.packing={str(packing).lower()}",
+                "trainer.micro_batch_tokens=60",
+                "trainer.micro_batch_size=2",
+                "algorithm.policy_loss=gspo",
+                "algorithm.loss_agg=seq-mean-token-mean",
+                "algorithm.clip_low=0.002",
+                "algorithm.clip_high=0.002",
+            ],
+        )
+        w = TrainerWorker(to_dict(cfg), tiny_model_path)
+        m = w.train_step(synthetic_groups())
+        params = torch.cat([p.detach().flatten() for p in w.model.parameters()])
+        results.append((m, params))
+    (m0, p0), (m1, p1) = results
+    assert m1["train/micro_batches"] != m0["train/micro_batches"]  # really a different layout
+    assert 0 < m0["train/clip_frac"] < 0.5  # some of the second mini-batch clipped, not all
+    assert m0["train/clip_frac"] == pytest.approx(m1["train/clip_frac"], abs=1e-9)
+    assert m0["train/loss"] == pytest.approx(m1["train/loss"], abs=1e-6)
+    assert m0["train/grad_norm"] == pytest.approx(m1["train/grad_norm"], rel=1e-5)
+    d = (p0 - p1).abs()  # AdamW steps of ~lr * sign(g): see the test above
+    assert d.max().item() < 3e-5
