@@ -1,8 +1,8 @@
 """Does each algorithm raise the reward on the built-in task with the default model?
 
-Runs `recipes/{grpo,remax,ppo}.yaml` (or `--algos`) (SmolLM2-135M-Instruct, single-digit addition) for
-`--steps` steps each, one after the other in one process (real Ray actors), and records the
-mean reward of the first 5 and the last 5 steps and the gain.
+Runs `recipes/{grpo,remax,ppo}.yaml`, or the recipes `--algos` names (SmolLM2-135M-Instruct,
+single-digit addition), for `--steps` steps each, one after the other in one process (real Ray
+actors), and records the mean reward of the first 5 and the last 5 steps and the gain.
 
     .venv/bin/python benchmarks/learning.py [--steps 20] [--algos grpo remax ppo] [--name learning]
 """

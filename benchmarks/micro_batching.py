@@ -7,8 +7,8 @@ beside the gradients accumulated so far; FFD fills its later bins to the brim to
 the quickstart: 2048 + 2048 + 64 tokens). Both policies give the same number of micro-batches.
 
 Each (shape, policy) runs in a fresh child process: the real `TrainerWorker` from
-`recipes/quickstart.yaml`, fed quickstart-shaped groups (8, 12 and 16 of them) (`trainer_step.make_groups`: 40-56
-prompt and 6-24 response tokens, 8 samples per group), one warm-up step (allocates the AdamW
+`recipes/quickstart.yaml`, fed 8, 12 and 16 quickstart-shaped groups
+(`trainer_step.make_groups`: 40-56 prompt and 6-24 response tokens, 8 samples per group), one warm-up step (allocates the AdamW
 states), then one step under the PyTorch allocator's profiler (`remax_vs_ppo.AllocatorPeak`:
 the peak bytes handed out and not yet taken back, allocator-exact) and `--steps` timed steps.
 Peak = live tensors after the build + that steady-step peak.

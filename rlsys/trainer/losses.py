@@ -94,8 +94,8 @@ def policy_loss(
     seq_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token policy loss and per-token clipped indicator, both [B, T], zero where masked.
-    `seq_ids` [B, T] (integers) names each token's sequence, for `gspo` on packed rows that
-    hold several sequences; None: each row is one sequence."""
+    `seq_ids` [B, T] (integers, any device) names each token's sequence, for `gspo` on packed
+    rows that hold several sequences; None: each row is one sequence."""
     # Zero the masked positions first (where(), not a product) so that they get exactly zero
     # gradient even when their logprob is inf/NaN (padding).
     keep = mask > 0
@@ -148,7 +148,7 @@ def sequence_ratio(
         n = keep.sum(dim=-1, keepdim=True).clamp(min=1)
         log_s = d.sum(dim=-1, keepdim=True) / n
     else:
-        ids = seq_ids.reshape(-1).long()
+        ids = seq_ids.reshape(-1).to(d.device, torch.long)  # moved only when used
         size = int(ids.max()) + 1 if ids.numel() else 1
         sums = d.new_zeros(size).index_add_(0, ids, d.reshape(-1))
         n = d.new_zeros(size).index_add_(0, ids, keep.reshape(-1).to(d.dtype))

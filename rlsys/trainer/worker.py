@@ -287,7 +287,7 @@ class TrainerWorker:
                     al.clip_high,
                     al.dual_clip,
                     w,
-                    self._to(mb.src_b),  # each token's sample: GSPO's per-sequence mean
+                    mb.src_b,  # each token's sample: GSPO's per-sequence mean
                 )
                 kl = None
                 if al.kl.mode == "loss":
