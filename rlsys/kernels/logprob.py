@@ -39,6 +39,7 @@ from collections.abc import Iterator
 import torch
 
 from rlsys.kernels.backend import resolve
+from rlsys.kernels.grad_into import grad_buffer
 from rlsys.kernels.reference import compute_dtype
 
 NEG = -1.0e30  # running-max start: finite, so (m - m') * s and e^{m - m'} never make NaN
@@ -58,23 +59,31 @@ def fused_logprob_entropy(
     targets: torch.Tensor,
     temperature: float = 1.0,
     backend: str = "auto",
+    grad_into: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of `targets` and entropy under softmax(hidden @ weight.T / temperature).
 
     hidden [T, H] float32/bfloat16, weight [V, H], targets [T] int -> (logprob [T] float32,
     entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
     (Triton on CUDA, chunked torch on CPU), "triton" or "torch". Under autocast the GEMM
-    operands are rounded to its dtype (module docstring).
+    operands are rounded to its dtype (module docstring). `grad_into` (torch backend, fp32
+    leaf weight): the backward adds dL/dweight chunk by chunk into `weight.grad` instead of
+    returning it (`rlsys.kernels.grad_into`).
     """
     _check(hidden, weight, targets, temperature)
     lowp = operand_dtype(hidden, weight)
     if resolve(backend, hidden.device) == "triton":
         from rlsys.kernels.logprob_triton import triton_logprob_entropy
 
+        if grad_into:
+            raise ValueError("grad_into is implemented on the torch backend only")
+
         if lowp is not None:  # differentiable casts: gradients come back in fp32
             hidden, weight = hidden.to(lowp), weight.to(lowp)
         return triton_logprob_entropy(hidden, weight, targets, temperature)
-    return chunked_logprob_entropy(hidden, weight, targets, temperature, lowp=lowp)
+    return chunked_logprob_entropy(
+        hidden, weight, targets, temperature, lowp=lowp, grad_into=grad_into
+    )
 
 
 def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
@@ -98,12 +107,16 @@ def chunked_logprob_entropy(
     chunk_t: int = CHUNK_T,
     chunk_v: int = CHUNK_V,
     lowp: torch.dtype | None = None,
+    grad_into: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path: peak extra memory O(chunk_t x chunk_v + chunk_v x H + T x H).
     `lowp` (from `operand_dtype`): bf16 lets the tile GEMMs round their operands to bf16 and
-    accumulate in fp32 where the CPU has bf16 matmuls (`_gemm_precision`); otherwise fp32 GEMMs."""
+    accumulate in fp32 where the CPU has bf16 matmuls (`_gemm_precision`); otherwise fp32 GEMMs.
+    `grad_into`: dL/dweight goes into `weight.grad` (`grad_buffer`), not back to autograd."""
+    if grad_into and (weight.dtype != compute_dtype(hidden, weight) or not weight.is_leaf):
+        raise ValueError("grad_into needs a float32 (or float64) leaf weight")
     return _ChunkedLogprobEntropy.apply(
-        hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
+        hidden, weight, targets, temperature, chunk_t, chunk_v, lowp, grad_into
     )
 
 
@@ -166,8 +179,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     the backward recomputes each logits tile instead of saving it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp, grad_into):
         # autocast would recast the tiles' GEMMs to bf16 outputs: `_gemm_precision` does it instead
+        ctx.grad_into = grad_into
         with torch.autocast(hidden.device.type, enabled=False):
             return _ChunkedLogprobEntropy._forward(
                 ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp
@@ -176,7 +190,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         with torch.autocast(ctx.device_type, enabled=False):
-            return (*_ChunkedLogprobEntropy._backward(ctx, g_lp, g_ent), None)
+            return (*_ChunkedLogprobEntropy._backward(ctx, g_lp, g_ent), None, None)
 
     @staticmethod
     def _forward(ctx, hidden, weight, targets, temperature, chunk_t, chunk_v, lowp):
@@ -234,7 +248,9 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         # fp32 weights: each chunk's gradient accumulates in place in dw's rows
         in_place = weight.dtype == dt
         dw = None
-        if need_w:
+        if need_w and ctx.grad_into:  # fp32 leaf (checked): chunks add into weight.grad
+            dw = grad_buffer(weight)
+        elif need_w:
             dw = torch.zeros_like(weight) if in_place else torch.empty_like(weight)
         size = min(ctx.chunk_t, t_len) * min(ctx.chunk_v, v_len)
         z_buf, p_buf = (torch.empty(size, dtype=dt, device=h.device) for _ in range(2))
@@ -262,4 +278,6 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                         dw_c.addmm_(dz.T, h[t0:t1])
                 if need_w and not in_place:
                     dw[v0:v1] = dw_c
+        if ctx.grad_into:
+            dw = None  # already in weight.grad
         return (dh.to(hidden.dtype) if need_h else None), dw, None, None, None, None

@@ -21,6 +21,7 @@ def token_logprobs(
     position_ids: torch.Tensor | None = None,
     fused: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    grad_into: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
     `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
@@ -28,7 +29,9 @@ def token_logprobs(
     and entropy chunk by chunk (`rlsys.kernels.fused_logprob_entropy`: Triton on GPU, chunked
     torch on CPU), never holding the [N, V] logits; entropy then carries a gradient too.
     `cu_seqlens` (packed rows): the samples' offsets, for a model on the `rlsys_packed`
-    attention (`trainer/attention.py`), which then ignores the dense mask."""
+    attention (`trainer/attention.py`), which then ignores the dense mask. `grad_into`
+    (with `fused`): the LM head's weight gradient goes straight into its `.grad`
+    (`rlsys.kernels.grad_into`)."""
     from rlsys.trainer.attention import varlen_kwargs
 
     if position_ids is None:
@@ -46,7 +49,9 @@ def token_logprobs(
         from rlsys.kernels import fused_logprob_entropy
 
         head = model.get_output_embeddings()
-        lp, ent = _as_forward(head, lambda w: fused_logprob_entropy(h, w, targets, temperature))
+        lp, ent = _as_forward(
+            head, lambda w: fused_logprob_entropy(h, w, targets, temperature, grad_into=grad_into)
+        )
     else:
         logits = model.get_output_embeddings()(h).float() / temperature  # [N, V]
         logsm = torch.log_softmax(logits, dim=-1)
@@ -80,6 +85,7 @@ class TokenLogprobs(nn.Module):
         self.lm = lm
         self.temperature = temperature
         self.fused = fused
+        self.grad_into = False  # set by `fuse_vocab_grads`
 
     def forward(
         self,
@@ -98,4 +104,23 @@ class TokenLogprobs(nn.Module):
             position_ids,
             self.fused,
             cu_seqlens,
+            self.grad_into,
         )
+
+
+def fuse_vocab_grads(module: nn.Module, lm: nn.Module) -> bool:
+    """Send `lm`'s input-embedding gradient, and with `module` a fused `TokenLogprobs` on the
+    torch path also the LM head's, straight into `.grad` (`rlsys.kernels.grad_into`). The
+    caller checks that nothing hooks gradient accumulation (ZeRO stage 0, fp32 weights).
+    Returns whether anything was fused."""
+    from rlsys.kernels.backend import resolve
+    from rlsys.kernels.grad_into import fuse_embedding_grad
+
+    emb = lm.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding) or emb.weight.dtype != torch.float32:
+        return False
+    fuse_embedding_grad(emb)
+    if isinstance(module, TokenLogprobs) and module.fused:
+        w = lm.get_output_embeddings().weight
+        module.grad_into = w.dtype == torch.float32 and resolve("auto", w.device) == "torch"
+    return True

@@ -27,7 +27,7 @@ from rlsys.trainer.algorithm import split_groups, token_advantages
 from rlsys.trainer.attention import use_packed_attention
 from rlsys.trainer.critic import Critic
 from rlsys.trainer.engine import TrainEngine, effective_stage, free_port, init_distributed
-from rlsys.trainer.logprobs import TokenLogprobs
+from rlsys.trainer.logprobs import TokenLogprobs, fuse_vocab_grads
 from rlsys.trainer.losses import (
     AdaptiveKLController,
     kl_penalty,
@@ -81,6 +81,10 @@ class TrainerWorker:
         self.policy = TrainEngine(TokenLogprobs(model, temp, fused), t, t.lr, total, "lm.", dev)
         self.model = self.policy.module.lm  # the Hugging Face model (sharded under ZeRO-3)
         self.model.train()
+        # Nothing hooks gradient accumulation at stage 0 with fp32 weights (grad_into.py).
+        fuse = t.vocab_grad_fusion and self.policy.stage == 0 and t.precision == "fp32"
+        if fuse:
+            fuse_vocab_grads(self.policy.module, self.model)
         self.ref = None
         if al.kl.mode != "none":
             # Frozen: under bf16 autocast its matmuls run in bf16 anyway, so bf16 weights give
@@ -103,6 +107,8 @@ class TrainerWorker:
                     gradient_checkpointing_kwargs=_NO_REENTRANT
                 )
             self.critic = TrainEngine(critic, t, al.critic.lr, total, device=dev)
+            if fuse:
+                fuse_vocab_grads(self.critic.module, critic.backbone)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.version = 0
 
