@@ -32,6 +32,9 @@ tensors alive after the steps: 0 unless a block allocated before the steps was f
 them (the profiler cannot subtract a block whose size it never saw; the peak would then be an
 over-estimate by at most that much).
 
+The same pair also runs with `trainer.vocab_grad_fusion=false` (autograd's own accumulation
+of the [V, H] embedding / LM-head gradients; `*_unfused` figures, memory only).
+
 Secondary columns: the process's peak RSS (ru_maxrss, `*_peak_rss_gb`), which also holds the
 runtime (~0.2-0.7 GB) and whatever the allocator keeps, and is not stable on CPU. Step time
 (`*_step_s`) is the mean over `--steps` further steps run without the profiler.
@@ -68,6 +71,7 @@ SAME = [
     "algorithm.kl.coef=0.001",
     "trainer.gradient_checkpointing=true",
 ]
+UNFUSED = "trainer.vocab_grad_fusion=false"
 
 
 class AllocatorPeak:
@@ -229,6 +233,17 @@ def hand_count(r: dict) -> dict:
     }
 
 
+def child(algo: str, steps: int, extra: list[str]) -> dict:
+    """`run_one` in a fresh process (its own allocator, its own peak RSS)."""
+    cmd = [sys.executable, __file__, "--child", algo, "--steps", str(steps), "--set", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{algo} child failed:\n{out.stderr[-4000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res["hand"] = hand_count(res)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
@@ -238,26 +253,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(args.child, args.steps, args.set)))
         return
-    res = {}
-    for algo in ("remax", "ppo"):
-        out = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                algo,
-                "--steps",
-                str(args.steps),
-                "--set",
-                *args.set,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode:
-            sys.exit(f"{algo} child failed:\n{out.stderr[-4000:]}")
-        res[algo] = json.loads(out.stdout.strip().splitlines()[-1])
-        res[algo]["hand"] = hand_count(res[algo])
+    res = {algo: child(algo, args.steps, args.set) for algo in ("remax", "ppo")}
+    # The same pair without the vocabulary gradient fusion (memory only: one timed step).
+    off = {algo: child(algo, 1, [*args.set, UNFUSED]) for algo in ("remax", "ppo")}
     r, p = res["remax"], res["ppo"]
     fig = {
         "remax_peak_mem_gb": round(r["peak_gb"], 3),
@@ -273,6 +271,9 @@ def main() -> None:
         "ppo_step_s": round(p["step_s"], 2),
         "speedup": round(p["step_s"] / r["step_s"], 2),
         "steps": args.steps,
+        "remax_peak_mem_gb_unfused": round(off["remax"]["peak_gb"], 3),
+        "ppo_peak_mem_gb_unfused": round(off["ppo"]["peak_gb"], 3),
+        "mem_ratio_unfused": round(off["remax"]["peak_gb"] / off["ppo"]["peak_gb"], 3),
     }
     print("What each trainer holds (GB; grads = fp32 gradients one backward produces):")
     print(
@@ -319,8 +320,12 @@ def main() -> None:
         " gradients; pk - grad = peak - (state + max grad): activations, temporaries)"
     )
     print(
-        f"ReMax / PPO peak memory {fig['mem_ratio']:.2f}x (RSS {fig['rss_ratio']:.2f}x),"
+        f"ReMax / PPO peak memory {fig['mem_ratio']:.3f}x (RSS {fig['rss_ratio']:.2f}x),"
         f" PPO / ReMax time {fig['speedup']:.2f}x"
+    )
+    print(
+        f"{UNFUSED}: ReMax {fig['remax_peak_mem_gb_unfused']:.3f} GB, PPO"
+        f" {fig['ppo_peak_mem_gb_unfused']:.3f} GB, {fig['mem_ratio_unfused']:.3f}x"
     )
     if args.set:
         print(f"overrides {args.set}: results not written")

@@ -228,8 +228,8 @@ class TrainerConfig:
     vocab_grad_fusion: bool = True
     """Add the [V, H] input-embedding and LM-head gradients straight into `.grad` where they
     are computed (`rlsys/kernels/grad_into.py`): one vocabulary-sized buffer less at the peak
-    of each micro-batch. Applies on the CPU fused-logprob path at ZeRO stage 0 with fp32
-    weights, where nothing hooks gradient accumulation; elsewhere autograd's usual path."""
+    of each micro-batch. Applies at ZeRO stage 0 with fp32 weights (the LM head's with
+    `fused_logprob`), where nothing hooks gradient accumulation; elsewhere autograd's path."""
     autocast_bf16: bool = True
     """Run forward/backward matmuls in bfloat16 autocast (fp32 master weights)."""
     gradient_checkpointing: bool = False

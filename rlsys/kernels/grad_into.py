@@ -12,7 +12,8 @@ each contribution is a full-size tensor. For the [V, H] vocabulary weights that 
 Megatron-LM's `gradient_accumulation_fusion` writes such gradients straight into the
 parameter's gradient buffer instead; so does this module: `grad_buffer` is the weight's
 `.grad` (created as zeros on the first micro-batch), the fused logprob backward
-(`fused_logprob_entropy(..., grad_into=True)`) adds its vocabulary chunks into it, and
+(`fused_logprob_entropy(..., grad_into=True)`) adds into it (chunked torch: vocabulary chunk
+by chunk; Triton: its fp32 atomics, with no bf16 round trip of dW under autocast), and
 `embedding_grad_into` adds its rows (`index_add_`), returning no gradient to autograd. The
 sum is the same; only the fp32 summation order of the contributions changes. Saving: one
 [V, H] gradient at the micro-batch's peak (49,152 x 576 fp32 = 108 MiB for SmolLM2-135M;

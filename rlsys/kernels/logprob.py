@@ -66,21 +66,19 @@ def fused_logprob_entropy(
     hidden [T, H] float32/bfloat16, weight [V, H], targets [T] int -> (logprob [T] float32,
     entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
     (Triton on CUDA, chunked torch on CPU), "triton" or "torch". Under autocast the GEMM
-    operands are rounded to its dtype (module docstring). `grad_into` (torch backend, fp32
-    leaf weight): the backward adds dL/dweight chunk by chunk into `weight.grad` instead of
-    returning it (`rlsys.kernels.grad_into`).
+    operands are rounded to its dtype (module docstring). `grad_into` (a float32 leaf
+    weight): the backward adds dL/dweight into `weight.grad` where it computes it, instead of
+    returning it through autograd (`rlsys.kernels.grad_into`).
     """
     _check(hidden, weight, targets, temperature)
     lowp = operand_dtype(hidden, weight)
     if resolve(backend, hidden.device) == "triton":
         from rlsys.kernels.logprob_triton import triton_logprob_entropy
 
-        if grad_into:
-            raise ValueError("grad_into is implemented on the torch backend only")
-
+        param = weight if grad_into else None
         if lowp is not None:  # differentiable casts: gradients come back in fp32
             hidden, weight = hidden.to(lowp), weight.to(lowp)
-        return triton_logprob_entropy(hidden, weight, targets, temperature)
+        return triton_logprob_entropy(hidden, weight, targets, temperature, grad_into=param)
     return chunked_logprob_entropy(
         hidden, weight, targets, temperature, lowp=lowp, grad_into=grad_into
     )

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from rlsys.kernels.backend import check_launchable
+from rlsys.kernels.grad_into import grad_buffer
 from rlsys.kernels.triton_common import UPCAST_DOT, dot
 
 # (BLOCK_T, BLOCK_V, BLOCK_H): bf16/fp16 operands (tensor cores), fp32 or mixed operands.
@@ -139,12 +140,15 @@ def triton_logprob_entropy(
     targets: torch.Tensor,
     temperature: float = 1.0,
     blocks: tuple[int, int, int] | None = None,
+    grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernels: (logprob [T], entropy [T]) float32, differentiable.
 
     blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum); None takes
     the module's BLOCK_T/V/H when set (tests shrink them to cover partial tiles), else
-    `default_blocks` of the operand dtypes.
+    `default_blocks` of the operand dtypes. `grad_into`: the fp32 leaf parameter whose values
+    `weight` holds (`weight` itself, or its detached bf16 copy): the backward's atomics add
+    dL/dW into its `.grad` (`rlsys.kernels.grad_into`), and `weight` gets no gradient.
     """
     if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         raise TypeError("the Triton path takes float32/bfloat16/float16 inputs, not float64")
@@ -152,7 +156,11 @@ def triton_logprob_entropy(
     if blocks is None:
         given = (BLOCK_T, BLOCK_V, BLOCK_H)
         blocks = default_blocks(hidden.dtype, weight.dtype) if None in given else given
-    return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, blocks)
+    if grad_into is not None:
+        if grad_into.dtype != torch.float32 or grad_into.shape != weight.shape:
+            raise ValueError("grad_into needs the float32 parameter of the weight's shape")
+        weight = weight.detach()
+    return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, blocks, grad_into)
 
 
 def default_blocks(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> tuple[int, ...]:
@@ -187,7 +195,7 @@ def merge_partials(
 
 class _TritonLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, blocks):
+    def forward(ctx, hidden, weight, targets, temperature, blocks, grad_into):
         h, w, y = hidden.contiguous(), weight.contiguous(), targets.contiguous()
         (t_len, hid), v_len = h.shape, w.shape[0]
         bt, bv, bh = blocks
@@ -202,7 +210,7 @@ class _TritonLogprobEntropy(torch.autograd.Function):
         )  # fmt: skip
         lp, ent, lse, ez = merge_partials(*part)
         ctx.save_for_backward(h, w, y, lse, ez)
-        ctx.inv_tau, ctx.blocks = 1.0 / temperature, blocks
+        ctx.inv_tau, ctx.blocks, ctx.grad_into = 1.0 / temperature, blocks, grad_into
         return lp, ent
 
     @staticmethod
@@ -213,10 +221,16 @@ class _TritonLogprobEntropy(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         dh = torch.zeros(t_len, hid, dtype=torch.float32, device=h.device)
-        dw = torch.zeros(v_len, hid, dtype=torch.float32, device=h.device)
+        if ctx.grad_into is not None:  # the atomics add into the parameter's fp32 .grad
+            dw = grad_buffer(ctx.grad_into)
+            assert dw.is_contiguous(), "the kernel indexes dW as a contiguous [V, H]"
+        else:
+            dw = torch.zeros(v_len, hid, dtype=torch.float32, device=h.device)
         grid = (triton.cdiv(t_len, bt), triton.cdiv(v_len, bv))
         _logprob_bwd_kernel[grid](
             h, w, y, lse, ez, g_lp, g_ent, dh, dw, t_len, v_len, hid, h.stride(0),
             w.stride(0), ctx.inv_tau, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=UPCAST_DOT, num_warps=NUM_WARPS,
         )  # fmt: skip
-        return dh.to(h.dtype), dw.to(w.dtype), None, None, None
+        if ctx.grad_into is not None:
+            return dh.to(h.dtype), None, None, None, None, None
+        return dh.to(h.dtype), dw.to(w.dtype), None, None, None, None

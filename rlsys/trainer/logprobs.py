@@ -109,11 +109,10 @@ class TokenLogprobs(nn.Module):
 
 
 def fuse_vocab_grads(module: nn.Module, lm: nn.Module) -> bool:
-    """Send `lm`'s input-embedding gradient, and with `module` a fused `TokenLogprobs` on the
-    torch path also the LM head's, straight into `.grad` (`rlsys.kernels.grad_into`). The
-    caller checks that nothing hooks gradient accumulation (ZeRO stage 0, fp32 weights).
-    Returns whether anything was fused."""
-    from rlsys.kernels.backend import resolve
+    """Send `lm`'s input-embedding gradient, and with `module` a fused `TokenLogprobs` also
+    the LM head's, straight into `.grad` (`rlsys.kernels.grad_into`). The caller checks that
+    nothing hooks gradient accumulation (ZeRO stage 0, fp32 weights). Returns whether
+    anything was fused."""
     from rlsys.kernels.grad_into import fuse_embedding_grad
 
     emb = lm.get_input_embeddings()
@@ -121,6 +120,5 @@ def fuse_vocab_grads(module: nn.Module, lm: nn.Module) -> bool:
         return False
     fuse_embedding_grad(emb)
     if isinstance(module, TokenLogprobs) and module.fused:
-        w = lm.get_output_embeddings().weight
-        module.grad_into = w.dtype == torch.float32 and resolve("auto", w.device) == "torch"
+        module.grad_into = lm.get_output_embeddings().weight.dtype == torch.float32
     return True

@@ -95,7 +95,7 @@ def triton_run(tmp_path_factory) -> dict:
 
 
 def test_triton_kernels_ran_interpreted(triton_run) -> None:
-    n = len(TRITON_CASES) + 1  # + the autocast case
+    n = len(TRITON_CASES) + 1 + 4  # + the autocast case + 2 x 2 grad_into calls
     assert triton_run["launches"] == {"_logprob_fwd_kernel": n, "_logprob_bwd_kernel": n}
 
 
@@ -120,6 +120,38 @@ def test_triton_under_bf16_autocast_takes_bf16_operands(triton_run) -> None:
 
 
 TRITON_AUTOCAST = Case("autocast", 37, 40, 300, tau=0.7)
+GRAD_INTO = (Case("grad_into_a", 37, 40, 300, tau=0.7), Case("grad_into_b", 5, 40, 300, tau=0.7))
+
+
+def _grad_into_calls(fn) -> dict[str, torch.Tensor]:
+    """Two micro-batches through one fp32 weight with grad_into: its .grad after both (were
+    the gradient also handed to autograd, it would be counted twice)."""
+    w = make_inputs(GRAD_INTO[0])["weight"].clone().requires_grad_()
+    for seed, case in enumerate(GRAD_INTO):
+        inp = make_inputs(case, seed=seed)
+        lp, ent = fn(inp["hidden"].requires_grad_(), w, inp["targets"], case.tau)
+        (lp * inp["g_lp"] + ent * inp["g_ent"]).sum().backward()
+    return {"dw": w.grad}
+
+
+def _grad_into_expected(rounded: bool) -> torch.Tensor:
+    """The sum of the two calls' float64 reference weight gradients."""
+    total = 0
+    for seed, case in enumerate(GRAD_INTO):
+        inp = make_inputs(case, seed=seed)
+        inp = {**inp, "weight": make_inputs(GRAD_INTO[0])["weight"]}
+        total = total + reference(_bf16_operands(inp) if rounded else inp, case.tau)["dw"]
+    return total
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_triton_grad_into_adds_the_weight_gradient_into_grad(triton_run, autocast) -> None:
+    # fp32: the fp32 tolerance; under bf16 autocast the kernel's operands are bf16 and dW is
+    # accumulated in fp32 straight into .grad (no bf16 round trip): the bf16 tolerance
+    got = triton_run["results"]["grad_into_autocast" if autocast else "grad_into"]["dw"]
+    tol = TOL_GRAD[torch.bfloat16 if autocast else torch.float32]
+    assert got.dtype == torch.float32
+    assert_close(got, _grad_into_expected(autocast), tol, "triton grad_into dw")
 
 
 def _interpreted_main(out: str) -> None:
@@ -150,6 +182,13 @@ def _interpreted_main(out: str) -> None:
             TRITON_AUTOCAST.tau,
             lambda h, w, y, tau: fused_logprob_entropy(h, w, y, tau, backend="triton"),
         )
+
+    def triton_into(h, w, y, tau):
+        return fused_logprob_entropy(h, w, y, tau, backend="triton", grad_into=True)
+
+    results["grad_into"] = _grad_into_calls(triton_into)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results["grad_into_autocast"] = _grad_into_calls(triton_into)
     torch.save({"results": results, "launches": dict(launches)}, out)
 
 
