@@ -323,6 +323,11 @@ def test_triton_cuda_matches_reference(dtype: torch.dtype) -> None:
     got = forward_backward(inp, case.tau, fused_logprob_entropy)
     assert type(got["lp"]) is torch.Tensor and got["lp"].is_cuda
     check(got, reference(inp, case.tau), dtype, "triton cuda")
+    if dtype == torch.float32:  # grad_into: the same dW, added by the atomics into .grad
+        into = forward_backward(
+            inp, case.tau, lambda h, w, y, tau: fused_logprob_entropy(h, w, y, tau, grad_into=True)
+        )
+        assert_close(into["dw"], got["dw"], TOL_GRAD[dtype], "triton cuda grad_into dw")
 
 
 if __name__ == "__main__":
