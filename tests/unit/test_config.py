@@ -39,6 +39,10 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
             "algorithm.advantage=grop",
             "'grop' is not one of grpo, rloo, reinforce_pp, remax, gae. Did you mean 'grpo'?",
         ),
+        (
+            "algorithm.policy_loss=clip",
+            "'clip' is not one of clipped, reinforce, gspo, cispo. Did you mean 'clipped'?",
+        ),
         ("model.path=/no/such/model", "neither a zoo model"),
         ("model.path=recipes", "'recipes' has no config.json"),  # a folder, not a model
         ("trainer", "is not of the form key=value"),
