@@ -247,7 +247,7 @@ def child(algo: str, steps: int, extra: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--child", choices=["remax", "ppo"])
+    ap.add_argument("--child", choices=["remax", "ppo", "grpo"])
     ap.add_argument("--set", nargs="*", default=[], help="extra recipe overrides for both")
     args = ap.parse_args()
     if args.child:
