@@ -7,11 +7,13 @@
 #        carry=[".cache/wheels", ".cache/rlsys/models/tiny-llama"]  timeout_s=570
 #
 # On the device machine it uses that image's python3 (its torch and triton) and installs
-# nothing but the carried wheels. Steps, each bounded and each run even if one before failed:
+# nothing but the carried wheels. Steps, each bounded and each run even if one before failed,
+# the figures first:
 #   1. the machine: GPU, driver, torch / triton versions;
-#   2. the GPU kernel tests (`-m gpu --gpu`: Triton vs the float64 reference at full size);
-#   3. `benchmarks/kernels.py --gpu`: time and peak memory vs the naive torch path, Liger and
+#   2. `benchmarks/kernels.py --gpu`: a 120 s sweep of each Triton kernel's candidate tiles
+#      (`rlsys.kernels.tune`), then time and peak memory vs the naive torch path, Liger and
 #      SDPA -> benchmarks/results/kernels_gpu.json, kernels.json, kernels_section.md;
+#   3. the GPU kernel tests (`-m gpu --gpu`: Triton vs the float64 reference at full size);
 #   4. the trainer and the native rollout engine on the GPU (`trainer.device`, `rollout.device`):
 #      two GRPO / PPO steps on the tiny model equal the same steps on the CPU; the engine's
 #      greedy decoding and logprobs equal the CPU engine's.
@@ -34,20 +36,20 @@ if compgen -G ".cache/wheels/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/rlsys-wheels"
 fi
 
-echo "== 2. GPU kernel tests"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
-  tests/unit/test_kernels_logprob.py tests/unit/test_kernels_attention.py \
-  tests/unit/test_kernels_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-
-echo "== 3. benchmarks/kernels.py --gpu"
-timeout 240 "$PY" benchmarks/kernels.py --gpu 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
+echo "== 2. benchmarks/kernels.py --gpu"
+timeout 300 "$PY" benchmarks/kernels.py --gpu --tune-s 120 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
   benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md "$OUT"/ 2>/dev/null
 
+echo "== 3. GPU kernel tests"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+  tests/unit/test_kernels_logprob.py tests/unit/test_kernels_attention.py \
+  tests/unit/test_kernels_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 echo "== 4. the trainer and the native engine on the GPU"
-RLSYS_CACHE="$PWD/.cache/rlsys" timeout 140 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+RLSYS_CACHE="$PWD/.cache/rlsys" timeout 120 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
   tests/unit/test_devices.py tests/unit/test_native_engine.py 2>&1 | tee "$OUT/trainer_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 exit $status

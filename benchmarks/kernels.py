@@ -24,7 +24,10 @@ spikes shorter than that). Time is the best of `--reps` runs (first run included
 clock, with whatever else shares the machine (its load average is recorded).
 
 GPU: torch.cuda.max_memory_allocated above the post-input baseline, time from CUDA events,
-median of 10 runs after 3 warm-ups.
+median of 10 runs after 3 warm-ups. Before its rows, each Triton kernel sweeps its candidate
+tiles for `--tune-s` seconds in all (`rlsys.kernels.tune`: forward tiles, then backward
+tiles; a candidate must agree with the defaults' outputs and gradients) and its rows run with
+the fastest; every candidate's time, the tiles chosen and the defaults' time are figures.
 
 Results: a table on stdout, figures merged into benchmarks/results/kernels.json (a CPU run
 keeps the GPU keys and vice versa), and benchmarks/results/kernels_section.md for
@@ -349,14 +352,51 @@ def _optional(kernel: str, variant: str, cfg: list) -> dict | None:
         return None
 
 
-def gpu_rows() -> tuple[list[list], dict]:
+def sweep_figures(prefix: str, fwd, bwd) -> dict:
+    """Flat figures of a (forward, backward) tile sweep: ms per candidate, why one was not
+    timed, and the tiles chosen."""
+    from rlsys.kernels.tune import tiles_name
+
+    fig = {f"{prefix}_tiles": f"{tiles_name(fwd.best)} / {tiles_name(bwd.best)}"}
+    for part, sw in (("fwd", fwd), ("step", bwd)):
+        fig |= {f"{prefix}_{part}_{n}_ms": round(ms, 3) for n, ms in sw.ms.items()}
+        fig |= {f"{prefix}_{part}_{n}_rejected": why for n, why in sw.rejected.items()}
+    return fig
+
+
+def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
+    """The CUDA rows. With tune_s > 0 each Triton kernel first sweeps its candidate tiles
+    (`rlsys.kernels.tune`; 35% of tune_s per logprob shape, 30% for attention) and its
+    timed row runs with the fastest; the default tiles' time is kept beside it."""
+    from rlsys.kernels import attention_triton, logprob_triton
+    from rlsys.kernels.tune import override, tune_attention, tune_logprob
+
     rows, fig = [], {"gpu_device": torch.cuda.get_device_name()}
+
+    def tuned_measure(kernel, variant, cfg, module, tiles, default, key) -> dict:
+        """The row's time with `tiles`, and the default tiles' time beside it."""
+        base = gpu_measure(kernel, variant, cfg)
+        fig[f"{key}_default_tiles_ms"] = round(1e3 * base["time_s"], 3)
+        if tiles == default:
+            return base
+        with override(module, tiles):
+            return gpu_measure(kernel, variant, cfg)
+
     for name, t, h, v, dt in LOGPROB_GPU:
         cfg = [name, t, h, v, dt]
-        naive = gpu_measure("logprob", "naive", cfg)
-        fused = gpu_measure("logprob", "fused", cfg)
-        liger = _optional("logprob", "liger", cfg)
         key = "logprob_gpu" if name == "h576" else f"logprob_gpu_{name}"
+        inp = logprob_inputs(t, h, v, dt, "cuda")
+        tiles = default = logprob_triton.default_tiles(inp["hidden"].dtype, inp["weight"].dtype)
+        if tune_s > 0:
+            deadline = time.monotonic() + 0.35 * tune_s
+            sweeps = tune_logprob(inp["hidden"], inp["weight"], inp["targets"], deadline)
+            fig |= sweep_figures(f"{key}_tune", *sweeps)
+            tiles = tuple(sw.best for sw in sweeps)
+        del inp
+        torch.cuda.empty_cache()
+        naive = gpu_measure("logprob", "naive", cfg)
+        fused = tuned_measure("logprob", "fused", cfg, logprob_triton, tiles, default, key)
+        liger = _optional("logprob", "liger", cfg)
         fig |= {
             f"{key}_speedup": round(naive["time_s"] / fused["time_s"], 3),
             f"{key}_mem_ratio": round(fused["peak_bytes"] / naive["peak_bytes"], 4),
@@ -372,11 +412,25 @@ def gpu_rows() -> tuple[list[list], dict]:
     fused = gpu_measure("loss", "fused", list(LOSS_SHAPE))
     fig["loss_gpu_speedup"] = round(naive["time_s"] / fused["time_s"], 3)
     rows.append(["loss", f"{LOSS_SHAPE} fp32", naive, fused])
-    sdpa = gpu_measure("attention", "sdpa", [ATTN, "bfloat16"])
-    tri = gpu_measure("attention", "triton", [ATTN, "bfloat16"])
+    cfg = [ATTN, "bfloat16"]
+    tiles = default = attention_triton.default_tiles(ATTN["d"])
+    if tune_s > 0:
+        inp = attention_inputs(ATTN, "bfloat16", "cuda")
+        deadline = time.monotonic() + 0.3 * tune_s
+        sweeps = tune_attention(
+            inp["q"], inp["k"], inp["v"], inp["cu"], max(ATTN["lens"]), deadline
+        )
+        fig |= sweep_figures("attention_gpu_tune", *sweeps)
+        tiles = tuple(sw.best for sw in sweeps)
+        del inp
+    sdpa = gpu_measure("attention", "sdpa", cfg)
+    tri = tuned_measure(
+        "attention", "triton", cfg, attention_triton, tiles, default, "attention_gpu"
+    )
     fig["attention_over_sdpa"] = round(sdpa["time_s"] / tri["time_s"], 3)
+    fig["attention_gpu_triton_ms"] = round(1e3 * tri["time_s"], 3)
     rows.append(["attention triton", f"N={sum(ATTN['lens'])} bf16", sdpa, tri])
-    flex = _optional("attention", "flex", [ATTN, "bfloat16"])
+    flex = _optional("attention", "flex", cfg)
     if flex is not None:
         fig["attention_over_flex"] = round(flex["time_s"] / tri["time_s"], 3)
         rows.append(["  attention flex", f"N={sum(ATTN['lens'])} bf16", sdpa, flex])
@@ -443,6 +497,13 @@ def section(fig: dict, cpu_table: str | None, gpu_table: str | None) -> str:
         + "."
         + (f" Open: {', '.join(missing)} (need `--gpu` on a CUDA machine)." if missing else ""),
     ]
+    tiles = [f"{k[: -len('_tune_tiles')]} {v}" for k, v in fig.items() if k.endswith("_tune_tiles")]
+    if tiles:
+        parts.append(
+            "- GPU tiles (forward / backward) picked by the sweep (`rlsys.kernels.tune`, every "
+            "candidate's time in the JSON): " + "; ".join(tiles) + ". The timed rows use them; "
+            "`*_default_tiles_ms` is the shipped defaults' time."
+        )
     if gpu_table:
         parts += [
             "",
@@ -464,6 +525,8 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="measure the CUDA rows instead")
     ap.add_argument("--reps", type=int, default=2, help="CPU timing repetitions per variant")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, print only (CI check)")
+    ap.add_argument("--tune-s", type=float, default=150.0,
+                    help="GPU: seconds for the tile sweeps before the timed rows (0: defaults)")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -473,7 +536,7 @@ def main() -> None:
         global LOGPROB_CPU, LOGPROB_GPU, LOSS_SHAPE, ATTN
         LOGPROB_CPU = LOGPROB_GPU = [("h576", 256, 64, 1000, "float32")]
         LOSS_SHAPE, ATTN = (4, 64), dict(lens=[30, 50], hq=4, hkv=2, d=16)
-        rows, _ = gpu_rows() if args.gpu else cpu_rows(1)
+        rows, _ = gpu_rows(min(args.tune_s, 20.0)) if args.gpu else cpu_rows(1)
         print(table(rows, "reference"))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -486,7 +549,7 @@ def main() -> None:
     fig.setdefault("attention_over_sdpa", None)
     tables = {"cpu": RESULTS / "kernels_cpu_table.md", "gpu": RESULTS / "kernels_gpu_table.md"}
     kind = "gpu" if args.gpu else "cpu"
-    rows, new = gpu_rows() if args.gpu else cpu_rows(args.reps)
+    rows, new = gpu_rows(args.tune_s) if args.gpu else cpu_rows(args.reps)
     text = table(rows, "reference")
     print(text)
     tables[kind].write_text(text + "\n")

@@ -15,13 +15,20 @@ split in two kernels so that no two programs write the same rows (deterministic,
 atomics): dK/dV per key block and kv head (looping over the q heads of its GQA group and
 the query blocks), and dQ per query block and q head.
 
-Block sizes are untuned (no GPU when written; checked in the interpreter); tune with
-`benchmarks/kernels.py --gpu`.
+Each kernel walks its streamed blocks in two ranges, as the Triton tutorial's causal
+"stages": the blocks on the causal diagonal (and, in the forward, a partial key block at
+the sequence's end) go through a loop body compiled with the mask, the others through the
+same body without its compare and select. Rows past a sequence's end load as zeros; in the
+backward they add nothing (see the kernels), so only the forward masks padded keys.
+
+Tiles: the forward and the backward have their own (`Tiles`, `BwdTiles`); candidates that
+ptxas compiles for sm_90 without spills are timed by `benchmarks/kernels.py --gpu`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,23 +37,88 @@ import triton.language as tl
 from rlsys.kernels.backend import check_launchable
 from rlsys.kernels.triton_common import UPCAST_DOT, dot
 
-# (BLOCK_M, BLOCK_N) by head dim, 8 warps: the configurations ptxas compiles for sm_90 without
-# register spills (`python -m rlsys.kernels.aot`; 64 x 64 with 4 warps spilled 160 bytes per
-# thread in the dK/dV backward at D=64 and 600-1300 in all three kernels at D=128). Not yet
-# timed on a GPU.
-BLOCKS_HEAD_DIM_64 = (64, 64)  # head_dim <= 64
-BLOCKS_WIDER = (64, 32)  # head_dim > 64 (measured at 128)
-NUM_WARPS = 8
-BLOCK_M: int | None = None  # set both to override the table (tests use small tiles)
-BLOCK_N: int | None = None
+
+class Tiles(NamedTuple):
+    """Forward launch: BLOCK_M queries per program, BLOCK_N keys per step, warps."""
+
+    m: int
+    n: int
+    warps: int = 8
 
 
-def default_blocks(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for queries/keys of `head_dim`."""
-    return BLOCKS_HEAD_DIM_64 if head_dim <= 64 else BLOCKS_WIDER
+class BwdTiles(NamedTuple):
+    """Backward launches: each program owns `own` rows and streams `stream` rows per step
+    (dK/dV: owns keys, streams queries; dQ: owns queries, streams keys), warps."""
+
+    own: int
+    stream: int
+    warps: int = 8
+
+
+# By head dim (<= 64, wider: measured at 128): configurations ptxas compiles for sm_90
+# without register spills (`python -m rlsys.kernels.aot`). The backward owns more rows than
+# it streams, as the Triton tutorial's; at D=128 only 32 x 32 builds without spills. Not yet
+# timed on a GPU: `benchmarks/kernels.py --gpu` times the candidates below.
+FWD_TILES = {64: Tiles(64, 64), 128: Tiles(64, 32)}
+BWD_TILES = {64: BwdTiles(64, 32), 128: BwdTiles(32, 32)}
+# Timed by `benchmarks/kernels.py --gpu` at head_dim 64, bf16 (the first is the default):
+# spill-free on sm_90 (regs <= 255, no local memory), except the tutorial's own 128 x
+# stream 32 and 64 x 64, whose dK/dV spill 96 and 24 bytes per thread.
+FWD_CANDIDATES = (Tiles(64, 64), Tiles(128, 64), Tiles(64, 128), Tiles(128, 128), Tiles(128, 32))
+BWD_CANDIDATES = (BwdTiles(64, 32), BwdTiles(32, 64), BwdTiles(32, 32), BwdTiles(64, 64),
+                  BwdTiles(128, 32))  # fmt: skip
+# (forward, backward) tiles for every launch when set: tests shrink them, and
+# `rlsys.kernels.tune.override` times candidates.
+OVERRIDE: tuple[Tiles, BwdTiles] | None = None
+
+
+def default_tiles(head_dim: int) -> tuple[Tiles, BwdTiles]:
+    """(forward, backward) tiles for queries/keys of `head_dim` (the module's OVERRIDE when
+    set)."""
+    if OVERRIDE is not None:
+        return OVERRIDE
+    key = 64 if head_dim <= 64 else 128
+    return FWD_TILES[key], BWD_TILES[key]
 
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rows(PTR, rows, stride_t, head_off, offs_d, row_mask, mask_d):
+    """[len(rows), BLOCK_D] rows of one head; masked rows and columns read as 0."""
+    ptrs = PTR + rows[:, None] * stride_t + head_off + offs_d[None, :]
+    return tl.load(ptrs, mask=row_mask[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_steps(acc, m_i, l_i, q, K, V, start, n, offs_m, offs_n, offs_d, mask_d, lo, hi,
+               kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr):  # fmt: skip
+    """Online softmax over the key blocks [lo, hi); MASKED: keys past n and (CAUSAL) keys
+    after the query are dropped, else every key of every block is visible to every query."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < n
+        kv_rows = (start + cols).to(tl.int64)
+        k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
+        v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
+        s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST) * qk_scale
+        if MASKED:
+            keep = mask_n[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, -1.0e30)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        if MASKED:
+            p = tl.where(keep, p, 0.0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -65,38 +137,54 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, stri
         mask_m = offs_m < n
         mask_d = offs_d < D
         rows = (start + offs_m).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+        q = _rows(Q, rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
         kv_head = head // GROUP
         # -1e30, not -inf: padded rows see only masked keys; exp2(-inf - -inf) would be NaN
         m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        hi = tl.minimum(n, m0 + BLOCK_M) if CAUSAL else n
-        for n0 in range(0, hi, BLOCK_N):
-            cols = n0 + offs_n
-            mask_n = cols < n
-            kv_rows = (start + cols).to(tl.int64)
-            k = tl.load(K + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
-            v = tl.load(V + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
-            s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST) * qk_scale
-            keep = mask_n[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.where(keep, tl.exp2(s - m_new[:, None]), 0.0)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
-            m_i = m_new
+        if CAUSAL:  # keys before `full` precede every query of the block (and end before n)
+            hi = tl.minimum(n, m0 + BLOCK_M)
+            full = (m0 // BLOCK_N) * BLOCK_N
+        else:  # whole key blocks inside the sequence
+            hi = n
+            full = (n // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, start, n, offs_m, offs_n, offs_d,
+                                   mask_d, 0, full, kv_head, qk_scale, stride_kt, stride_kh,
+                                   stride_vt, stride_vh, False, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
+        acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, start, n, offs_m, offs_n, offs_d,
+                                   mask_d, full, hi, kv_head, qk_scale, stride_kt, stride_kh,
+                                   stride_vt, stride_vh, True, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
         l_i = tl.where(mask_m, l_i, 1.0)  # rows past the sequence end: never stored
         out = acc / l_i[:, None]
         tl.store(OUT + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
         tl.store(LSE + head * total + rows, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, n, offs_n, offs_m, offs_d, mask_d,
+                lo, hi, total, qk_scale, stride_qt, stride_qh, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """dK, dV of one key block from the query blocks [lo, hi) of one q head; CAUSAL: drop
+    the scores of queries before their key."""
+    for m0 in range(lo, hi, BLOCK_M):
+        rows_m = m0 + offs_m
+        mask_m = rows_m < n
+        q_rows = (start + rows_m).to(tl.int64)
+        q = _rows(Q, q_rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
+        do = _rows(DO, q_rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
+        lse = tl.load(LSE + head * total + q_rows, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + head * total + q_rows, mask=mask_m, other=0.0)
+        s_t = dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), UPCAST)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])  # [N, M]
+        if CAUSAL:
+            p_t = tl.where(rows_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = dot(p_t.to(do.dtype), do, dv, UPCAST)
+        dp_t = dot(v, tl.trans(do), tl.zeros([k.shape[0], BLOCK_M], tl.float32), UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dot(ds_t.to(q.dtype), q, dk, UPCAST)
+    return dk, dv
 
 
 @triton.jit
@@ -117,40 +205,54 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scal
         mask_n = offs_n < n
         mask_d = offs_d < D
         kv_rows = (start + offs_n).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
-        v = tl.load(V + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
+        k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
+        v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        lo = n0 if CAUSAL else 0  # causal: queries before the block's first key see none of it
+        # query blocks: [lo, mid) the causal diagonal (masked), [mid, n) queries that see every
+        # key of the block. Rows past n need no mask in the scores: they load q = dO = 0 and
+        # lse = delta = 0, so they add nothing to dK or dV, and padded keys are never stored.
+        if CAUSAL:  # queries before the block's first key see none of it
+            lo = n0
+            mid = tl.minimum(n0 + tl.cdiv(BLOCK_N, BLOCK_M) * BLOCK_M, n)
+        else:
+            lo = 0
+            mid = 0
         for g in range(GROUP):
             head = kv_head * GROUP + g
-            for m0 in range(lo, n, BLOCK_M):
-                rows_m = m0 + offs_m
-                mask_m = rows_m < n
-                q_rows = (start + rows_m).to(tl.int64)
-                q_mask = mask_m[:, None] & mask_d[None, :]
-                q = tl.load(Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                            mask=q_mask, other=0.0)  # fmt: skip
-                do = tl.load(DO + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                             mask=q_mask, other=0.0)  # fmt: skip
-                lse = tl.load(LSE + head * total + q_rows, mask=mask_m, other=0.0)
-                delta = tl.load(DELTA + head * total + q_rows, mask=mask_m, other=0.0)
-                s_t = dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)
-                keep = mask_n[:, None] & mask_m[None, :]
-                if CAUSAL:
-                    keep = keep & (rows_m[None, :] >= offs_n[:, None])
-                p_t = tl.where(keep, tl.exp2(s_t * qk_scale - lse[None, :]), 0.0)  # [N, M]
-                dv = dot(p_t.to(do.dtype), do, dv, UPCAST)
-                dp_t = dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk = dot(ds_t.to(q.dtype), q, dk, UPCAST)
+            dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, n, offs_n,
+                                 offs_m, offs_d, mask_d, lo, mid, total, qk_scale, stride_qt,
+                                 stride_qh, CAUSAL, BLOCK_M, UPCAST)  # fmt: skip
+            dk, dv = _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, n, offs_n,
+                                 offs_m, offs_d, mask_d, mid, n, total, qk_scale, stride_qt,
+                                 stride_qh, False, BLOCK_M, UPCAST)  # fmt: skip
+        kv_mask = mask_n[:, None] & mask_d[None, :]
         tl.store(DK + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)  # fmt: skip
         tl.store(DV + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                  dv.to(DV.dtype.element_ty), mask=kv_mask)  # fmt: skip
+
+
+@triton.jit
+def _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mask_d, lo, hi,
+              kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """dQ of one query block from the key blocks [lo, hi); CAUSAL: drop keys after their
+    query. Keys past n need no mask: they load k = v = 0, so dS k adds nothing."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < n
+        kv_rows = (start + cols).to(tl.int64)
+        k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
+        v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
+        s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if CAUSAL:
+            p = tl.where(cols[None, :] <= offs_m[:, None], p, 0.0)
+        dp = dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = dot(ds.to(k.dtype), k, dq, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -170,34 +272,27 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
         mask_m = offs_m < n
         mask_d = offs_d < D
         rows = (start + offs_m).to(tl.int64)
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=q_mask, other=0.0)  # fmt: skip
-        do = tl.load(DO + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                     mask=q_mask, other=0.0)  # fmt: skip
+        q = _rows(Q, rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
+        do = _rows(DO, rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
+        # padded rows (past n) read lse = delta = 0 and q = dO = 0: finite, and never stored
         lse = tl.load(LSE + head * total + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + head * total + rows, mask=mask_m, other=0.0)
-        kv_head = head // GROUP
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        hi = tl.minimum(n, m0 + BLOCK_M) if CAUSAL else n
-        for n0 in range(0, hi, BLOCK_N):
-            cols = n0 + offs_n
-            mask_n = cols < n
-            kv_rows = (start + cols).to(tl.int64)
-            k = tl.load(K + kv_rows[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
-            v = tl.load(V + kv_rows[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
-            s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)
-            keep = mask_m[:, None] & mask_n[None, :]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
-            p = tl.where(keep, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
-            dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq = dot(ds.to(k.dtype), k, dq, UPCAST)
+        if CAUSAL:  # keys before `full` precede every query of the block
+            hi = tl.minimum(n, m0 + BLOCK_M)
+            full = (m0 // BLOCK_N) * BLOCK_N
+        else:
+            hi = n
+            full = n
+        kv_head = head // GROUP
+        dq = _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mask_d,
+                       0, full, kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                       False, BLOCK_N, UPCAST)  # fmt: skip
+        dq = _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mask_d,
+                       full, hi, kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                       CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
         tl.store(DQ + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
 
 
 def triton_packed_attention(
@@ -208,51 +303,48 @@ def triton_packed_attention(
     causal: bool = True,
     scale: float | None = None,
     max_seqlen: int | None = None,
-    blocks: tuple[int, int] | None = None,
+    tiles: tuple[Tiles, BwdTiles] | None = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels: [N, Hq, D] in q's dtype, differentiable w.r.t. q, k, v.
 
-    max_seqlen sizes the grid; None reads it from cu_seqlens (one device sync). blocks =
-    (BLOCK_M, BLOCK_N); None takes the module's BLOCK_M/N when set, else
-    `default_blocks(head_dim)`.
+    max_seqlen sizes the grid; None reads it from cu_seqlens (one device sync). tiles =
+    (forward, backward); None takes `default_tiles(head_dim)`.
     """
     check_launchable(_attn_fwd_kernel, q.device)
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if blocks is None:
-        given = (BLOCK_M, BLOCK_N)
-        blocks = default_blocks(q.shape[-1]) if None in given else given
-    return _TritonPackedAttention.apply(q, k, v, cu_seqlens, causal, scale, max_seqlen, blocks)
+    tiles = default_tiles(q.shape[-1]) if tiles is None else tiles
+    return _TritonPackedAttention.apply(q, k, v, cu_seqlens, causal, scale, max_seqlen, tiles)
 
 
 class _TritonPackedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, causal, scale, max_seqlen, blocks):
+    def forward(ctx, q, k, v, cu_seqlens, causal, scale, max_seqlen, tiles):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
         (total, hq, d), hkv = q.shape, k.shape[1]
-        bm, bn = blocks
+        fwd = tiles[0]
         o = torch.empty_like(q)
         lse = torch.empty(hq, total, dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(max_seqlen, bm), cu.numel() - 1, hq)
+        grid = (triton.cdiv(max_seqlen, fwd.m), cu.numel() - 1, hq)
         if total > 0 and max_seqlen > 0:
             _attn_fwd_kernel[grid](
                 q, k, v, o, lse, cu, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
                 k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), total, d,
-                GROUP=hq // hkv, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+                GROUP=hq // hkv, CAUSAL=causal, BLOCK_M=fwd.m, BLOCK_N=fwd.n,
                 BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=UPCAST_DOT,
-                num_warps=NUM_WARPS,
+                num_warps=fwd.warps,
             )  # fmt: skip
         ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.causal, ctx.scale, ctx.max_seqlen, ctx.blocks = causal, scale, max_seqlen, blocks
+        ctx.causal, ctx.scale, ctx.max_seqlen, ctx.bwd = causal, scale, max_seqlen, tiles[1]
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
         (total, hq, d), hkv = q.shape, k.shape[1]
-        bm, bn = ctx.blocks
+        bwd = ctx.bwd
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1).T.contiguous()  # [Hq, N]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -260,15 +352,17 @@ class _TritonPackedAttention(torch.autograd.Function):
             return dq, dk, dv, None, None, None, None, None
         n_seq = cu.numel() - 1
         meta = dict(
-            GROUP=hq // hkv, CAUSAL=ctx.causal, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=UPCAST_DOT, num_warps=NUM_WARPS,
+            GROUP=hq // hkv, CAUSAL=ctx.causal, BLOCK_D=max(16, triton.next_power_of_2(d)),
+            UPCAST=UPCAST_DOT, num_warps=bwd.warps,
         )  # fmt: skip
         common = (ctx.scale * LOG2E, ctx.scale, q.stride(0), q.stride(1), k.stride(0),
                   k.stride(1), v.stride(0), v.stride(1), total, d)  # fmt: skip
-        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, bn), n_seq, hkv)](
-            q, k, v, do, lse, delta, dk, dv, cu, *common, **meta
-        )
-        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, bm), n_seq, hq)](
-            q, k, v, do, lse, delta, dq, cu, *common, **meta
-        )
+        _attn_bwd_dkdv_kernel[(triton.cdiv(ctx.max_seqlen, bwd.own), n_seq, hkv)](
+            q, k, v, do, lse, delta, dk, dv, cu, *common, BLOCK_M=bwd.stream, BLOCK_N=bwd.own,
+            **meta,
+        )  # fmt: skip
+        _attn_bwd_dq_kernel[(triton.cdiv(ctx.max_seqlen, bwd.own), n_seq, hq)](
+            q, k, v, do, lse, delta, dq, cu, *common, BLOCK_M=bwd.own, BLOCK_N=bwd.stream,
+            **meta,
+        )  # fmt: skip
         return dq, dk, dv, None, None, None, None, None

@@ -15,15 +15,18 @@ al. 2024). That is 3 GEMM-sized passes after the forward's 1 (a non-atomic split
 kernel and a dW kernel would need 4); the price is run-to-run nondeterminism in the last bits
 of the gradients, and atomic traffic of (T/BLOCK_T + V/BLOCK_V) x H x (V or T) adds.
 
-Block sizes depend on the operands: bf16/fp16 take the tensor cores, fp32 (and a mixed
-pair, taken to fp32) the "ieee" FMA dot, whose operand tiles live in registers and need a
-narrower H chunk. Both configurations were chosen offline as the ones ptxas compiles for
-sm_90 without register spills (`python -m rlsys.kernels.aot`: registers, shared memory and
-spills of every launch; the defaults before spilled 448-1352 bytes per thread in the
-backward); they are not yet timed on a GPU, `benchmarks/kernels.py --gpu` is where to tune.
+Tiles (`Tiles`, one for the forward and one for the backward) depend on the operands:
+bf16/fp16 take the tensor cores, fp32 (and a mixed pair, taken to fp32) the "ieee" FMA dot,
+whose operand tiles live in registers and need a narrower H chunk. Both were chosen offline
+as configurations ptxas compiles for sm_90 without register spills (`python -m
+rlsys.kernels.aot`: registers, shared memory and spills of every launch; the defaults before
+spilled 448-1352 bytes per thread in the backward); they are not yet timed on a GPU:
+`benchmarks/kernels.py --gpu` times the bf16 candidates below and reports the fastest.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -33,13 +36,30 @@ from rlsys.kernels.backend import check_launchable
 from rlsys.kernels.grad_into import grad_buffer
 from rlsys.kernels.triton_common import UPCAST_DOT, dot
 
-# (BLOCK_T, BLOCK_V, BLOCK_H): bf16/fp16 operands (tensor cores), fp32 or mixed operands.
-TENSOR_CORE_BLOCKS = (64, 128, 32)
-FP32_BLOCKS = (64, 64, 16)
-NUM_WARPS = 8
-BLOCK_T: int | None = None  # set all three to override the table (tests use small tiles)
-BLOCK_V: int | None = None
-BLOCK_H: int | None = None
+
+class Tiles(NamedTuple):
+    """One launch: BLOCK_T tokens x BLOCK_V vocabulary entries per tile, the hidden size in
+    BLOCK_H chunks (powers of two >= 16, tl.dot's minimum), and the warps."""
+
+    t: int
+    v: int
+    h: int
+    warps: int = 8
+
+
+# (forward, backward): bf16/fp16 operands (tensor cores), fp32 or mixed operands.
+TENSOR_CORE_TILES = (Tiles(64, 128, 32), Tiles(64, 128, 32))
+FP32_TILES = (Tiles(64, 64, 16), Tiles(64, 64, 16))
+# Timed by `benchmarks/kernels.py --gpu` with bf16 operands (the first is the default): the
+# 8-warp tiles that build for sm_90 without spills (4 warps spill at all of these sizes),
+# but 128 x 128 x 32 in the backward (8 bytes per thread).
+FWD_CANDIDATES = (Tiles(64, 128, 32), Tiles(128, 128, 32), Tiles(128, 64, 32), Tiles(64, 64, 32),
+                  Tiles(64, 64, 64), Tiles(64, 256, 32), Tiles(128, 64, 64))  # fmt: skip
+BWD_CANDIDATES = (Tiles(64, 128, 32), Tiles(128, 64, 32), Tiles(64, 64, 32), Tiles(64, 64, 64),
+                  Tiles(128, 128, 32))  # fmt: skip
+# (forward, backward) tiles for every launch when set: tests shrink them to cover partial
+# tiles, `rlsys.kernels.tune.override` times candidates.
+OVERRIDE: tuple[Tiles, Tiles] | None = None
 SPLITS: int | None = None  # vocabulary splits of the forward; None: ~4 programs per SM
 
 
@@ -139,35 +159,34 @@ def triton_logprob_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
-    blocks: tuple[int, int, int] | None = None,
+    tiles: tuple[Tiles, Tiles] | None = None,
     grad_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernels: (logprob [T], entropy [T]) float32, differentiable.
 
-    blocks = (BLOCK_T, BLOCK_V, BLOCK_H), powers of two >= 16 (tl.dot's minimum); None takes
-    the module's BLOCK_T/V/H when set (tests shrink them to cover partial tiles), else
-    `default_blocks` of the operand dtypes. `grad_into`: the fp32 leaf parameter whose values
+    tiles = (forward, backward); None takes `default_tiles` of the operand dtypes. `grad_into`: the fp32 leaf parameter whose values
     `weight` holds (`weight` itself, or its detached bf16 copy): the backward's atomics add
     dL/dW into its `.grad` (`rlsys.kernels.grad_into`), and `weight` gets no gradient.
     """
     if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         raise TypeError("the Triton path takes float32/bfloat16/float16 inputs, not float64")
     check_launchable(_logprob_fwd_kernel, hidden.device)
-    if blocks is None:
-        given = (BLOCK_T, BLOCK_V, BLOCK_H)
-        blocks = default_blocks(hidden.dtype, weight.dtype) if None in given else given
+    tiles = default_tiles(hidden.dtype, weight.dtype) if tiles is None else tiles
     if grad_into is not None:
         if grad_into.dtype != torch.float32 or grad_into.shape != weight.shape:
             raise ValueError("grad_into needs the float32 parameter of the weight's shape")
         weight = weight.detach()
-    return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, blocks, grad_into)
+    return _TritonLogprobEntropy.apply(hidden, weight, targets, temperature, tiles, grad_into)
 
 
-def default_blocks(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> tuple[int, ...]:
-    """The tile sizes for these operand dtypes (see the module docstring)."""
+def default_tiles(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> tuple[Tiles, Tiles]:
+    """(forward, backward) tiles for these operand dtypes (see the module docstring), or
+    the module's OVERRIDE when set."""
+    if OVERRIDE is not None:
+        return OVERRIDE
     low = (torch.bfloat16, torch.float16)
     tensor_cores = hidden_dtype == weight_dtype and hidden_dtype in low
-    return TENSOR_CORE_BLOCKS if tensor_cores else FP32_BLOCKS
+    return TENSOR_CORE_TILES if tensor_cores else FP32_TILES
 
 
 def _splits(t_blocks: int, v_blocks: int, device: torch.device) -> int:
@@ -195,10 +214,10 @@ def merge_partials(
 
 class _TritonLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, blocks, grad_into):
+    def forward(ctx, hidden, weight, targets, temperature, tiles, grad_into):
         h, w, y = hidden.contiguous(), weight.contiguous(), targets.contiguous()
         (t_len, hid), v_len = h.shape, w.shape[0]
-        bt, bv, bh = blocks
+        bt, bv, bh, warps = tiles[0]
         t_blocks, v_blocks = triton.cdiv(t_len, bt), triton.cdiv(v_len, bv)
         splits = _splits(t_blocks, v_blocks, h.device)
         v_split = triton.cdiv(v_blocks, splits) * bv
@@ -206,18 +225,18 @@ class _TritonLogprobEntropy(torch.autograd.Function):
         _logprob_fwd_kernel[(t_blocks, splits)](
             h, w, y, part[0], part[1], part[2], part[3], t_len, v_len, hid, h.stride(0),
             w.stride(0), 1.0 / temperature, v_split, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh,
-            UPCAST=UPCAST_DOT, num_warps=NUM_WARPS,
+            UPCAST=UPCAST_DOT, num_warps=warps,
         )  # fmt: skip
         lp, ent, lse, ez = merge_partials(*part)
         ctx.save_for_backward(h, w, y, lse, ez)
-        ctx.inv_tau, ctx.blocks, ctx.grad_into = 1.0 / temperature, blocks, grad_into
+        ctx.inv_tau, ctx.bwd, ctx.grad_into = 1.0 / temperature, tiles[1], grad_into
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         h, w, y, lse, ez = ctx.saved_tensors
         (t_len, hid), v_len = h.shape, w.shape[0]
-        bt, bv, bh = ctx.blocks
+        bt, bv, bh, warps = ctx.bwd
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         dh = torch.zeros(t_len, hid, dtype=torch.float32, device=h.device)
@@ -229,7 +248,8 @@ class _TritonLogprobEntropy(torch.autograd.Function):
         grid = (triton.cdiv(t_len, bt), triton.cdiv(v_len, bv))
         _logprob_bwd_kernel[grid](
             h, w, y, lse, ez, g_lp, g_ent, dh, dw, t_len, v_len, hid, h.stride(0),
-            w.stride(0), ctx.inv_tau, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=UPCAST_DOT, num_warps=NUM_WARPS,
+            w.stride(0), ctx.inv_tau, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, UPCAST=UPCAST_DOT,
+            num_warps=warps,
         )  # fmt: skip
         if ctx.grad_into is not None:
             return dh.to(h.dtype), None, None, None, None, None

@@ -2,7 +2,9 @@
 reference.py and against per-sequence SDPA.
 
 The Triton path runs in a child process with TRITON_INTERPRET=1 (this file is its script, see
-`__main__`) with 16 x 16 blocks, the SDPA fallback patched to raise, and launches counted.
+`__main__`) with 16 x 16 blocks, the SDPA fallback patched to raise, and launches counted;
+then again with unequal tiles (query and key blocks of 16 and 32 both ways, forward and
+backward), so each kernel's masked and unmasked ranges meet at every alignment.
 """
 
 from __future__ import annotations
@@ -85,8 +87,12 @@ def triton_run(tmp_path_factory) -> dict:
     return run_child(__file__, tmp_path_factory.mktemp("attention") / "out.pt", "interpret")
 
 
+# (forward (BLOCK_M, BLOCK_N), backward (own, stream)) for the second pass.
+UNEQUAL_TILES = {"m32n16": ((32, 16), (16, 32)), "m16n32": ((16, 32), (32, 16))}
+
+
 def test_triton_kernels_ran_interpreted(triton_run) -> None:
-    n = len(TRITON_CASES)
+    n = len(TRITON_CASES) * (1 + len(UNEQUAL_TILES))
     names = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     assert triton_run["launches"] == dict.fromkeys(names, n)
 
@@ -97,6 +103,14 @@ def test_triton_matches_reference(triton_run, case: Case) -> None:
     check(triton_run["results"][case.name], want, case.dtype, f"triton {case.name}")
 
 
+@pytest.mark.parametrize("tiles", UNEQUAL_TILES)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.name)
+def test_triton_unequal_tiles_match_reference(triton_run, case: Case, tiles: str) -> None:
+    want = reference(make_inputs(case), case.causal)
+    got = triton_run["results"][f"{case.name}/{tiles}"]
+    check(got, want, case.dtype, f"triton {case.name} tiles {tiles}")
+
+
 def _interpreted_main(out: str) -> None:
     """Child process (TRITON_INTERPRET=1): run the public entry with backend="triton"."""
     from rlsys.kernels import attention, attention_triton
@@ -104,7 +118,7 @@ def _interpreted_main(out: str) -> None:
 
     names = ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
     launches = count_launches(attention_triton, names)
-    attention_triton.BLOCK_M, attention_triton.BLOCK_N = 16, 16
+    attention_triton.OVERRIDE = (attention_triton.Tiles(16, 16), attention_triton.BwdTiles(16, 16))
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("the SDPA fallback ran instead of Triton")
@@ -118,6 +132,16 @@ def _interpreted_main(out: str) -> None:
         )
         for case in TRITON_CASES
     }
+    for label, (fwd, bwd) in UNEQUAL_TILES.items():
+        tiles = (attention_triton.Tiles(*fwd), attention_triton.BwdTiles(*bwd))
+        for case in TRITON_CASES:
+            results[f"{case.name}/{label}"] = forward_backward(
+                make_inputs(case),
+                case.causal,
+                lambda q, k, v, cu, causal, t=tiles: attention_triton.triton_packed_attention(
+                    q, k, v, cu, causal, tiles=t
+                ),
+            )
     torch.save({"results": results, "launches": dict(launches)}, out)
 
 

@@ -6,7 +6,8 @@ The launches come from running the real launchers (forward and backward) with th
 swapped for recorders, so the compiled signatures are the ones a GPU run would build: a
 launcher that passed a new argument, a dtype pair tl.dot rejects (bf16 hidden states with an
 fp32 LM head did, before `dot` took mixed operands to fp32) or a tile too big for the
-registers fails here."""
+registers fails here. The tuner's candidate tiles (`--candidates`) compile and fit too, and
+spill only where their lists say so."""
 
 from __future__ import annotations
 
@@ -30,13 +31,12 @@ KERNELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory) -> list[dict]:
+def aot_rows(tmp_path_factory, *flags: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_DEFAULT_FP_FUSION": "1"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "rlsys.kernels.aot", "--arch", "90", "--json"],
+        [sys.executable, "-m", "rlsys.kernels.aot", "--arch", "90", "--json", *flags],
         capture_output=True,
         text=True,
         env=env,
@@ -44,6 +44,36 @@ def rows(tmp_path_factory) -> list[dict]:
     )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory) -> list[dict]:
+    return aot_rows(tmp_path_factory)
+
+
+# The candidates whose lists say they spill (logprob_triton / attention_triton comments).
+SPILLING = {
+    "_logprob_bwd_kernel[H=bf16,W=bf16; BLOCK_T=128,BLOCK_V=128,BLOCK_H=32",
+    "_attn_bwd_dkdv_kernel[Q=bf16,K=bf16; GROUP=3,CAUSAL=True,BLOCK_M=64,BLOCK_N=64",
+    "_attn_bwd_dkdv_kernel[Q=bf16,K=bf16; GROUP=3,CAUSAL=True,BLOCK_M=32,BLOCK_N=128",
+}
+
+
+def test_every_candidate_tile_compiles_and_fits(tmp_path_factory) -> None:
+    from rlsys.kernels import attention_triton, logprob_triton
+    from rlsys.kernels.aot import SHARED_LIMIT
+
+    rows = aot_rows(tmp_path_factory, "--candidates")
+    n_logprob = len(set(logprob_triton.FWD_CANDIDATES)) + len(set(logprob_triton.BWD_CANDIDATES))
+    n_attn = len(set(attention_triton.FWD_CANDIDATES)) + 2 * len(
+        set(attention_triton.BWD_CANDIDATES)
+    )
+    assert len(rows) == n_logprob + n_attn  # one binary per candidate and kernel
+    for r in rows:
+        assert r["ok"], f"{r['kernel']}: {r.get('error')}"
+        assert r["shared"] <= SHARED_LIMIT[90], r
+        spills = any(r["kernel"].startswith(k) for k in SPILLING)
+        assert (r["local"] > 0) == spills, f"{r['kernel']} spills {r['local']} bytes per thread"
 
 
 def test_every_launch_compiles_fits_and_does_not_spill(rows) -> None:

@@ -160,7 +160,8 @@ def _interpreted_main(out: str) -> None:
     from rlsys.kernels.testing import count_launches
 
     launches = count_launches(logprob_triton, ["_logprob_fwd_kernel", "_logprob_bwd_kernel"])
-    logprob_triton.BLOCK_T, logprob_triton.BLOCK_V, logprob_triton.BLOCK_H = 16, 64, 16
+    small = logprob_triton.Tiles(16, 64, 16)
+    logprob_triton.OVERRIDE = (small, small)
     # 3 vocabulary splits of the forward: V=300 -> 128 + 128 + 44, V=200 -> 128 + 72 + empty
     logprob_triton.SPLITS = 3
 
