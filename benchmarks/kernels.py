@@ -86,6 +86,8 @@ def logprob_step(variant: str, inp: dict) -> None:
         lp, ent = logprob_entropy_ref(h, w, y)
     elif variant == "fused":
         lp, ent = fused_logprob_entropy(h, w, y)
+    elif variant == "hybrid":  # cuBLAS GEMMs + Triton row kernels (GPU)
+        lp, ent = fused_logprob_entropy(h, w, y, backend="hybrid")
     elif variant == "liger":  # logprob only: Liger's fused CE has no entropy output
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -364,6 +366,24 @@ def sweep_figures(prefix: str, fwd, bwd) -> dict:
     return fig
 
 
+def hybrid_agrees(cfg: list, tiles: tuple) -> bool | str:
+    """True when the hybrid backend's logprob, entropy and gradients agree with the Triton
+    kernels' (with `tiles`) to 2e-2 of their scale, else why not."""
+    from rlsys.kernels import fused_logprob_entropy, logprob_triton
+    from rlsys.kernels.tune import disagreement, override
+
+    inp = logprob_inputs(*cfg[1:], device="cuda")
+    outs = []
+    for backend in ("triton", "hybrid"):
+        h, w = (inp[k].detach().clone().requires_grad_() for k in ("hidden", "weight"))
+        with override(logprob_triton, tiles):
+            lp, ent = fused_logprob_entropy(h, w, inp["targets"], backend=backend)
+        (lp.sum() + 0.01 * ent.sum()).backward()
+        outs.append([lp.detach(), ent.detach(), h.grad, w.grad])
+    why = disagreement(outs[1], outs[0], 2e-2)
+    return True if why is None else why
+
+
 def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
     """The CUDA rows. With tune_s > 0 each Triton kernel first sweeps its candidate tiles
     (`rlsys.kernels.tune`; 35% of tune_s per logprob shape, 30% for attention) and its
@@ -397,6 +417,12 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
         naive = gpu_measure("logprob", "naive", cfg)
         fused = tuned_measure("logprob", "fused", cfg, logprob_triton, tiles, default, key)
         liger = _optional("logprob", "liger", cfg)
+        hybrid = _optional("logprob", "hybrid", cfg)
+        if hybrid is not None:
+            fig[f"{key}_hybrid_agrees"] = hybrid_agrees(cfg, tiles)
+            from rlsys.kernels.logprob_hybrid import OUT_DTYPE_GEMMS
+
+            fig[f"{key}_hybrid_out_dtype_gemms"] = str(OUT_DTYPE_GEMMS)
         fig |= {
             f"{key}_speedup": round(naive["time_s"] / fused["time_s"], 3),
             f"{key}_mem_ratio": round(fused["peak_bytes"] / naive["peak_bytes"], 4),
@@ -408,6 +434,13 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
         rows.append([f"logprob {name}", f"T={t} {dt}", naive, fused])
         if liger is not None:
             rows.append([f"  liger {name} (lp only)", f"T={t} {dt}", naive, liger])
+        if hybrid is not None:
+            fig[f"{key}_hybrid_speedup"] = round(naive["time_s"] / hybrid["time_s"], 3)
+            fig[f"{key}_hybrid_ms"] = round(1e3 * hybrid["time_s"], 2)
+            fig[f"{key}_hybrid_mem_ratio"] = round(hybrid["peak_bytes"] / naive["peak_bytes"], 4)
+            if liger is not None:
+                fig[f"{key}_hybrid_over_liger"] = round(liger["time_s"] / hybrid["time_s"], 3)
+            rows.append([f"  hybrid {name}", f"T={t} {dt}", naive, hybrid])
     naive = gpu_measure("loss", "naive", list(LOSS_SHAPE))
     fused = gpu_measure("loss", "fused", list(LOSS_SHAPE))
     fig["loss_gpu_speedup"] = round(naive["time_s"] / fused["time_s"], 3)
@@ -497,6 +530,18 @@ def section(fig: dict, cpu_table: str | None, gpu_table: str | None) -> str:
         + "."
         + (f" Open: {', '.join(missing)} (need `--gpu` on a CUDA machine)." if missing else ""),
     ]
+    hybrid = [
+        f"{k[: -len('_hybrid_speedup')]} {v}x the reference"
+        + (f", {fig[o]}x Liger" if (o := k.replace("_speedup", "_over_liger")) in fig else "")
+        + f", agrees with Triton: {fig.get(k.replace('_speedup', '_agrees'))}"
+        for k, v in fig.items()
+        if k.endswith("_hybrid_speedup")
+    ]
+    if hybrid:
+        parts.append(
+            '- logprob `backend="hybrid"` (cuBLAS GEMMs + Triton row kernels, '
+            "`rlsys/kernels/logprob_hybrid.py`): " + "; ".join(hybrid) + "."
+        )
     tiles = [f"{k[: -len('_tune_tiles')]} {v}" for k, v in fig.items() if k.endswith("_tune_tiles")]
     if tiles:
         parts.append(

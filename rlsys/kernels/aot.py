@@ -100,9 +100,9 @@ class Launch:
 def recording() -> Iterator[list[Launch]]:
     """Replace every rlsys Triton kernel by a recorder for the duration; yields the list of
     launches made meanwhile. The launchers' device checks are lifted so CPU tensors pass."""
-    from rlsys.kernels import attention_triton, logprob_triton, loss_triton
+    from rlsys.kernels import attention_triton, logprob_hybrid, logprob_triton, loss_triton
 
-    modules = (logprob_triton, loss_triton, attention_triton)
+    modules = (logprob_triton, logprob_hybrid, loss_triton, attention_triton)
     launches: list[Launch] = []
     saved: list[tuple[object, str, object]] = []
 
@@ -141,9 +141,11 @@ def recording() -> Iterator[list[Launch]]:
 def trainer_launches() -> list[Launch]:
     """The launches of one forward + backward of each kernel at the shapes and dtypes the
     trainer uses: logprob/entropy with fp32, bf16 and mixed (bf16 hidden, fp32 head) inputs
-    (SmolLM2-135M's H=576 and a 7B-class H=4096); the policy loss with and without reference/entropy/dual clip;
+    (SmolLM2-135M's H=576 and a 7B-class H=4096), and the hybrid backend's row kernels (bf16,
+    fp32); the policy loss with and without reference/entropy/dual clip;
     packed attention, causal, bf16 and fp16, head_dim 64 and 128, GQA."""
     from rlsys.kernels.attention_triton import triton_packed_attention
+    from rlsys.kernels.logprob_hybrid import hybrid_logprob_entropy
     from rlsys.kernels.logprob_triton import triton_logprob_entropy
     from rlsys.kernels.loss_triton import TritonPolicyLoss
 
@@ -162,6 +164,10 @@ def trainer_launches() -> list[Launch]:
             h = torch.randn(40, hid, dtype=hdt, requires_grad=True)
             w = torch.randn(300, hid, dtype=wdt, requires_grad=True)
             backward(*triton_logprob_entropy(h, w, torch.randint(0, 300, (40,))))
+        for dt in (bf16, fp32):  # the hybrid backend's row kernels
+            h = torch.randn(40, 576, dtype=dt, requires_grad=True)
+            w = torch.randn(300, 576, dtype=dt, requires_grad=True)
+            backward(*hybrid_logprob_entropy(h, w, torch.randint(0, 300, (40,))))
         for ref, ent, dual in ((True, True, 3.0), (False, False, None)):
             lp = torch.randn(4, 16, requires_grad=True)
             e = torch.rand(4, 16, requires_grad=True) if ent else None

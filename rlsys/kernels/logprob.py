@@ -18,9 +18,9 @@ Backward, with incoming g_lp, g_H and p = softmax(z_t), E_t = E_p[z_t] = lse_t -
 
 The backward recomputes z chunk by chunk from (h, W, lse, E), so the saved state is O(T).
 
-Backends: Triton (`logprob_triton.py`, CUDA or TRITON_INTERPRET=1) and a chunked torch path
-here (CPU). Both accumulate in float32 whatever the input dtype (bf16 allowed); gradients come
-back in the inputs' dtypes.
+Backends: Triton (`logprob_triton.py`, CUDA or TRITON_INTERPRET=1), hybrid (cuBLAS GEMMs and
+Triton row kernels, `logprob_hybrid.py`) and a chunked torch path here (CPU). All accumulate
+in float32 whatever the input dtype (bf16 allowed); gradients come back in the inputs' dtypes.
 
 GEMM operands follow autocast: under bf16 autocast (the trainer's default) the operands of
 every tile GEMM (h, W, and dz in the backward) are rounded to bf16, as autocast does for the
@@ -65,20 +65,24 @@ def fused_logprob_entropy(
 
     hidden [T, H] float32/bfloat16, weight [V, H], targets [T] int -> (logprob [T] float32,
     entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
-    (Triton on CUDA, chunked torch on CPU), "triton" or "torch". Under autocast the GEMM
+    (Triton on CUDA, chunked torch on CPU), "triton", "hybrid" (cuBLAS GEMMs + Triton row
+    kernels, `logprob_hybrid.py`; CUDA or the interpreter) or "torch". Under autocast the GEMM
     operands are rounded to its dtype (module docstring). `grad_into` (a float32 leaf
     weight): the backward adds dL/dweight into `weight.grad` where it computes it, instead of
     returning it through autograd (`rlsys.kernels.grad_into`).
     """
     _check(hidden, weight, targets, temperature)
     lowp = operand_dtype(hidden, weight)
-    if resolve(backend, hidden.device) == "triton":
+    kind = "hybrid" if backend == "hybrid" else resolve(backend, hidden.device)
+    if kind in ("triton", "hybrid"):
+        from rlsys.kernels.logprob_hybrid import hybrid_logprob_entropy
         from rlsys.kernels.logprob_triton import triton_logprob_entropy
 
         param = weight if grad_into else None
         if lowp is not None:  # differentiable casts: gradients come back in fp32
             hidden, weight = hidden.to(lowp), weight.to(lowp)
-        return triton_logprob_entropy(hidden, weight, targets, temperature, grad_into=param)
+        fn = triton_logprob_entropy if kind == "triton" else hybrid_logprob_entropy
+        return fn(hidden, weight, targets, temperature, grad_into=param)
     return chunked_logprob_entropy(
         hidden, weight, targets, temperature, lowp=lowp, grad_into=grad_into
     )

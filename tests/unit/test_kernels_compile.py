@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KERNELS = {
     "_logprob_fwd_kernel",
     "_logprob_bwd_kernel",
+    "_row_stats_kernel",
+    "_row_grad_kernel",
     "_policy_loss_kernel",
     "_attn_fwd_kernel",
     "_attn_bwd_dkdv_kernel",

@@ -1,9 +1,11 @@
-"""fused_logprob_entropy (Triton in the interpreter, chunked torch) against reference.py.
+"""fused_logprob_entropy (Triton and hybrid in the interpreter, chunked torch) against
+reference.py.
 
 The Triton path runs in a child process with TRITON_INTERPRET=1 (this file is its script, see
 `__main__`), with blocks shrunk to 16 x 64 x 16 so that every case has partial tiles, the
 forward's vocabulary split 3 ways (one split empty for V=200), the chunked-torch fallback
-patched to raise, and kernel launches counted.
+patched to raise, and kernel launches counted. The hybrid path (cuBLAS GEMMs + Triton row
+kernels) runs there too, in chunks of 16 tokens with 64-wide row blocks (partial on both).
 """
 
 from __future__ import annotations
@@ -154,12 +156,61 @@ def test_triton_grad_into_adds_the_weight_gradient_into_grad(triton_run, autocas
     assert_close(got, _grad_into_expected(autocast), tol, "triton grad_into dw")
 
 
+# --------------------------------------------------------------------------- hybrid
+
+HYBRID_ROWS = 16  # tokens per chunk in the interpreted run
+
+
+def test_hybrid_kernels_ran_interpreted_once_per_chunk(triton_run) -> None:
+    cases = [*TRITON_CASES, TRITON_AUTOCAST, *GRAD_INTO, *GRAD_INTO]
+    chunks = sum(-(-c.t // HYBRID_ROWS) for c in cases)
+    assert triton_run["hybrid_launches"] == {
+        "_row_stats_kernel": chunks,
+        "_row_grad_kernel": chunks,
+    }
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.name)
+def test_hybrid_matches_reference(triton_run, case: Case) -> None:
+    got = triton_run["results"][f"hybrid/{case.name}"]
+    check(got, reference(make_inputs(case), case.tau), case.dtype, f"hybrid {case.name}")
+
+
+def test_hybrid_under_bf16_autocast_takes_bf16_operands(triton_run) -> None:
+    got = triton_run["results"]["hybrid/autocast"]
+    want = reference(_bf16_operands(make_inputs(TRITON_AUTOCAST, seed=2)), TRITON_AUTOCAST.tau)
+    for key in ("lp", "ent"):
+        assert_close(got[key], want[key], TOL_OUT[torch.float32], f"hybrid autocast {key}")
+    for key in ("dh", "dw"):
+        assert got[key].dtype == torch.float32
+        assert_close(got[key], want[key], TOL_GRAD[torch.bfloat16], f"hybrid autocast {key}")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_hybrid_grad_into_adds_the_weight_gradient_into_grad(triton_run, autocast) -> None:
+    got = triton_run["results"]["hybrid/grad_into_autocast" if autocast else "hybrid/grad_into"]
+    tol = TOL_GRAD[torch.bfloat16 if autocast else torch.float32]
+    assert got["dw"].dtype == torch.float32
+    assert_close(got["dw"], _grad_into_expected(autocast), tol, "hybrid grad_into dw")
+
+
+def test_hybrid_chunk_rows() -> None:
+    from rlsys.kernels.logprob_hybrid import chunk_rows
+
+    assert chunk_rows(8192, 49152) == 4096  # 1 GiB of fp32 logits
+    assert chunk_rows(8192, 151936) == 1024
+    assert chunk_rows(100, 49152) == 100  # capped at T
+    assert chunk_rows(8192, 10**9) == 16  # at least 16
+
+
 def _interpreted_main(out: str) -> None:
-    """Child process (TRITON_INTERPRET=1): run the public entry with backend="triton"."""
-    from rlsys.kernels import logprob, logprob_triton
+    """Child process (TRITON_INTERPRET=1): run the public entry with backend="triton", then
+    with backend="hybrid"."""
+    from rlsys.kernels import logprob, logprob_hybrid, logprob_triton
     from rlsys.kernels.testing import count_launches
 
     launches = count_launches(logprob_triton, ["_logprob_fwd_kernel", "_logprob_bwd_kernel"])
+    hybrid_launches = count_launches(logprob_hybrid, ["_row_stats_kernel", "_row_grad_kernel"])
     small = logprob_triton.Tiles(16, 64, 16)
     logprob_triton.OVERRIDE = (small, small)
     # 3 vocabulary splits of the forward: V=300 -> 128 + 128 + 44, V=200 -> 128 + 72 + empty
@@ -190,7 +241,35 @@ def _interpreted_main(out: str) -> None:
     results["grad_into"] = _grad_into_calls(triton_into)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         results["grad_into_autocast"] = _grad_into_calls(triton_into)
-    torch.save({"results": results, "launches": dict(launches)}, out)
+
+    logprob_hybrid.CHUNK_BYTES = HYBRID_ROWS * 4 * 300  # 16 rows at V=300, more at V=100, 200
+    logprob_hybrid.ROW_BLOCK = logprob_hybrid.GRAD_BLOCK = 64
+
+    def hybrid(h, w, y, tau, **kw):
+        return fused_logprob_entropy(h, w, y, tau, backend="hybrid", **kw)
+
+    for case in TRITON_CASES:
+        chunk_bytes = HYBRID_ROWS * 4 * case.v
+        results[f"hybrid/{case.name}"] = forward_backward(
+            make_inputs(case),
+            case.tau,
+            lambda h, w, y, tau, cb=chunk_bytes: logprob_hybrid.hybrid_logprob_entropy(
+                h, w, y, tau, chunk_bytes=cb
+            ),
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results["hybrid/autocast"] = forward_backward(
+            make_inputs(TRITON_AUTOCAST, seed=2), TRITON_AUTOCAST.tau, hybrid
+        )
+    results["hybrid/grad_into"] = _grad_into_calls(lambda *a: hybrid(*a, grad_into=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results["hybrid/grad_into_autocast"] = _grad_into_calls(
+            lambda *a: hybrid(*a, grad_into=True)
+        )
+    torch.save(
+        {"results": results, "launches": dict(launches), "hybrid_launches": dict(hybrid_launches)},
+        out,
+    )
 
 
 # --------------------------------------------------------------------------- chunked torch
@@ -317,18 +396,31 @@ def test_rejects_bad_arguments() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "hybrid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_cuda_matches_reference(dtype: torch.dtype) -> None:
+def test_triton_cuda_matches_reference(dtype: torch.dtype, backend: str) -> None:
+    # auto = the Triton kernels; hybrid in 3 chunks (1024 + 1024 + 5 tokens)
     case = Case("cuda", 2053, 576, 49152, dtype, tau=0.9)  # T not a multiple of BLOCK_T
     inp = {k: v.cuda() for k, v in make_inputs(case).items()}
-    got = forward_backward(inp, case.tau, fused_logprob_entropy)
+
+    def fn(h, w, y, tau, **kw):
+        if backend == "hybrid":
+            from rlsys.kernels.logprob_hybrid import hybrid_logprob_entropy
+
+            param = w if kw.get("grad_into") else None
+            return hybrid_logprob_entropy(
+                h, w, y, tau, grad_into=param, chunk_bytes=1024 * 4 * case.v
+            )
+        return fused_logprob_entropy(h, w, y, tau, **kw)
+
+    got = forward_backward(inp, case.tau, fn)
     assert type(got["lp"]) is torch.Tensor and got["lp"].is_cuda
-    check(got, reference(inp, case.tau), dtype, "triton cuda")
-    if dtype == torch.float32:  # grad_into: the same dW, added by the atomics into .grad
+    check(got, reference(inp, case.tau), dtype, f"{backend} cuda")
+    if dtype == torch.float32:  # grad_into: the same dW, added into .grad
         into = forward_backward(
-            inp, case.tau, lambda h, w, y, tau: fused_logprob_entropy(h, w, y, tau, grad_into=True)
+            inp, case.tau, lambda h, w, y, tau: fn(h, w, y, tau, grad_into=True)
         )
-        assert_close(into["dw"], got["dw"], TOL_GRAD[dtype], "triton cuda grad_into dw")
+        assert_close(into["dw"], got["dw"], TOL_GRAD[dtype], f"{backend} cuda grad_into dw")
 
 
 if __name__ == "__main__":
