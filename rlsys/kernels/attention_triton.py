@@ -92,6 +92,18 @@ def _rows(PTR, rows, stride_t, head_off, offs_d, row_mask, mask_d):
 
 
 @triton.jit
+def _kv_block(K, V, start, n, cols, offs_d, mask_d, kv_head, stride_kt, stride_kh, stride_vt,
+              stride_vh):  # fmt: skip
+    """Keys and values of sequence positions `cols` of one kv head (past n: zeros), with
+    `cols` and their mask."""
+    mask_n = cols < n
+    kv_rows = (start + cols).to(tl.int64)
+    k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
+    v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
+    return cols, mask_n, k, v
+
+
+@triton.jit
 def _fwd_steps(acc, m_i, l_i, q, K, V, start, n, offs_m, offs_n, offs_d, mask_d, lo, hi,
                kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -99,11 +111,8 @@ def _fwd_steps(acc, m_i, l_i, q, K, V, start, n, offs_m, offs_n, offs_d, mask_d,
     """Online softmax over the key blocks [lo, hi); MASKED: keys past n and (CAUSAL) keys
     after the query are dropped, else every key of every block is visible to every query."""
     for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        mask_n = cols < n
-        kv_rows = (start + cols).to(tl.int64)
-        k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
-        v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
+        cols, mask_n, k, v = _kv_block(K, V, start, n, n0 + offs_n, offs_d, mask_d, kv_head,
+                                       stride_kt, stride_kh, stride_vt, stride_vh)  # fmt: skip
         s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST) * qk_scale
         if MASKED:
             keep = mask_n[None, :]
@@ -163,6 +172,19 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, stri
 
 
 @triton.jit
+def _q_block(Q, DO, LSE, DELTA, start, n, rows_m, offs_d, mask_d, head, total, stride_qt,
+             stride_qh):  # fmt: skip
+    """q, dO, lse2 and delta of sequence positions `rows_m` of one q head (past n: zeros)."""
+    mask_m = rows_m < n
+    q_rows = (start + rows_m).to(tl.int64)
+    q = _rows(Q, q_rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
+    do = _rows(DO, q_rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
+    lse = tl.load(LSE + head * total + q_rows, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + head * total + q_rows, mask=mask_m, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, n, offs_n, offs_m, offs_d, mask_d,
                 lo, hi, total, qk_scale, stride_qt, stride_qh, CAUSAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
@@ -170,12 +192,8 @@ def _dkdv_steps(dk, dv, k, v, Q, DO, LSE, DELTA, head, start, n, offs_n, offs_m,
     the scores of queries before their key."""
     for m0 in range(lo, hi, BLOCK_M):
         rows_m = m0 + offs_m
-        mask_m = rows_m < n
-        q_rows = (start + rows_m).to(tl.int64)
-        q = _rows(Q, q_rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
-        do = _rows(DO, q_rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
-        lse = tl.load(LSE + head * total + q_rows, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + head * total + q_rows, mask=mask_m, other=0.0)
+        q, do, lse, delta = _q_block(Q, DO, LSE, DELTA, start, n, rows_m, offs_d, mask_d, head,
+                                     total, stride_qt, stride_qh)  # fmt: skip
         s_t = dot(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], tl.float32), UPCAST)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])  # [N, M]
         if CAUSAL:
@@ -199,14 +217,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scal
     n = tl.load(CU + seq + 1) - start
     n0 = tl.program_id(0) * BLOCK_N
     if n0 < n:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_n = offs_n < n
         mask_d = offs_d < D
+        offs_n, mask_n, k, v = _kv_block(K, V, start, n, n0 + tl.arange(0, BLOCK_N), offs_d,
+                                         mask_d, kv_head, stride_kt, stride_kh, stride_vt,
+                                         stride_vh)  # fmt: skip
         kv_rows = (start + offs_n).to(tl.int64)
-        k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
-        v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # query blocks: [lo, mid) the causal diagonal (masked), [mid, n) queries that see every
@@ -240,11 +257,8 @@ def _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mas
     """dQ of one query block from the key blocks [lo, hi); CAUSAL: drop keys after their
     query. Keys past n need no mask: they load k = v = 0, so dS k adds nothing."""
     for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + offs_n
-        mask_n = cols < n
-        kv_rows = (start + cols).to(tl.int64)
-        k = _rows(K, kv_rows, stride_kt, kv_head * stride_kh, offs_d, mask_n, mask_d)
-        v = _rows(V, kv_rows, stride_vt, kv_head * stride_vh, offs_d, mask_n, mask_d)
+        cols, _, k, v = _kv_block(K, V, start, n, n0 + offs_n, offs_d, mask_d, kv_head,
+                                  stride_kt, stride_kh, stride_vt, stride_vh)  # fmt: skip
         s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if CAUSAL:
@@ -272,11 +286,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
         mask_m = offs_m < n
         mask_d = offs_d < D
         rows = (start + offs_m).to(tl.int64)
-        q = _rows(Q, rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
-        do = _rows(DO, rows, stride_qt, head * stride_qh, offs_d, mask_m, mask_d)
         # padded rows (past n) read lse = delta = 0 and q = dO = 0: finite, and never stored
-        lse = tl.load(LSE + head * total + rows, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + head * total + rows, mask=mask_m, other=0.0)
+        q, do, lse, delta = _q_block(Q, DO, LSE, DELTA, start, n, offs_m, offs_d, mask_d, head,
+                                     total, stride_qt, stride_qh)  # fmt: skip
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if CAUSAL:  # keys before `full` precede every query of the block
             hi = tl.minimum(n, m0 + BLOCK_M)
