@@ -40,7 +40,8 @@ echo "== 2. benchmarks/kernels.py --gpu"
 timeout 300 "$PY" benchmarks/kernels.py --gpu --tune-s 120 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
-  benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md "$OUT"/ 2>/dev/null
+  benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md \
+  benchmarks/results/kernels_gpu_partial.json "$OUT"/ 2>/dev/null
 
 echo "== 3. GPU kernel tests"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \

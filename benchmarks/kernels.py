@@ -296,6 +296,7 @@ def cpu_rows(reps: int) -> tuple[list[list], dict]:
         }
         fig["memory_method"] = fused["method"]
         rows.append([f"logprob {name}", f"T={t} {dt}", naive, fused])
+        _partial(fig)
     # ~0.1 s per run, and the shared machine's load swings single runs by 10x: best of 10x
     naive = run_child("loss", "naive", list(LOSS_SHAPE), 10 * reps)
     fused = run_child("loss", "fused", list(LOSS_SHAPE), 10 * reps)
@@ -384,6 +385,12 @@ def hybrid_agrees(cfg: list, tiles: tuple) -> bool | str:
     return True if why is None else why
 
 
+def _partial(fig: dict) -> None:
+    """The GPU figures so far (a run cut short by its time limit keeps them)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "kernels_gpu_partial.json").write_text(json.dumps(fig, indent=2) + "\n")
+
+
 def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
     """The CUDA rows. With tune_s > 0 each Triton kernel first sweeps its candidate tiles
     (`rlsys.kernels.tune`; 35% of tune_s per logprob shape, 30% for attention) and its
@@ -462,6 +469,7 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
     )
     fig["attention_over_sdpa"] = round(sdpa["time_s"] / tri["time_s"], 3)
     fig["attention_gpu_triton_ms"] = round(1e3 * tri["time_s"], 3)
+    _partial(fig)
     rows.append(["attention triton", f"N={sum(ATTN['lens'])} bf16", sdpa, tri])
     flex = _optional("attention", "flex", cfg)
     if flex is not None:
