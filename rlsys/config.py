@@ -225,6 +225,10 @@ class TrainerConfig:
     block-diagonal mask (same result, all L x L scores computed)."""
     fused_logprob: bool = True
     """Fused LM-head + log-softmax + entropy (never materialises [tokens x vocab] logits)."""
+    logprob_backend: str = "auto"
+    """The fused kernel's backend: auto (Triton kernels on GPU, chunked torch on CPU), triton,
+    hybrid (GPU: cuBLAS GEMMs + Triton row kernels, `rlsys/kernels/logprob_hybrid.py`) or
+    torch (chunked torch anywhere)."""
     vocab_grad_fusion: bool = True
     """Add the [V, H] input-embedding and LM-head gradients straight into `.grad` where they
     are computed (`rlsys/kernels/grad_into.py`): one vocabulary-sized buffer less at the peak
@@ -673,6 +677,16 @@ def validate(cfg: RecipeConfig) -> None:
                 f"e.g. cluster.{role}_resources='{{CPU: 1, GPU: 1}}'"
             )
     _choice("trainer.precision", cfg.trainer.precision, ("fp32", "bf16"))
+    _choice(
+        "trainer.logprob_backend",
+        cfg.trainer.logprob_backend,
+        ("auto", "triton", "hybrid", "torch"),
+    )
+    if cfg.trainer.logprob_backend in ("triton", "hybrid") and cfg.trainer.device == "cpu":
+        raise ConfigError(
+            f"trainer.logprob_backend={cfg.trainer.logprob_backend} runs Triton kernels on a "
+            "GPU; use auto or torch with trainer.device=cpu"
+        )
     _choice("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
     if cfg.trainer.offload and cfg.trainer.zero_stage == 0:
         raise ConfigError("trainer.offload needs trainer.zero_stage >= 1")

@@ -22,6 +22,7 @@ def token_logprobs(
     fused: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     grad_into: bool = False,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
     `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
@@ -31,7 +32,7 @@ def token_logprobs(
     `cu_seqlens` (packed rows): the samples' offsets, for a model on the `rlsys_packed`
     attention (`trainer/attention.py`), which then ignores the dense mask. `grad_into`
     (with `fused`): the LM head's weight gradient goes straight into its `.grad`
-    (`rlsys.kernels.grad_into`)."""
+    (`rlsys.kernels.grad_into`). `backend`: the fused kernel's (`fused_logprob_entropy`)."""
     from rlsys.trainer.attention import varlen_kwargs
 
     if position_ids is None:
@@ -50,7 +51,10 @@ def token_logprobs(
 
         head = model.get_output_embeddings()
         lp, ent = _as_forward(
-            head, lambda w: fused_logprob_entropy(h, w, targets, temperature, grad_into=grad_into)
+            head,
+            lambda w: fused_logprob_entropy(
+                h, w, targets, temperature, backend=backend, grad_into=grad_into
+            ),
         )
     else:
         logits = model.get_output_embeddings()(h).float() / temperature  # [N, V]
@@ -80,11 +84,14 @@ class TokenLogprobs(nn.Module):
     wrapping this module (DeepSpeed) sees each micro-batch as one top-level forward: its
     per-forward bookkeeping (ZeRO-3 gathers, gradient-accumulation counters) runs."""
 
-    def __init__(self, lm: nn.Module, temperature: float, fused: bool) -> None:
+    def __init__(
+        self, lm: nn.Module, temperature: float, fused: bool, backend: str = "auto"
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.temperature = temperature
         self.fused = fused
+        self.backend = backend
         self.grad_into = False  # set by `fuse_vocab_grads`
 
     def forward(
@@ -105,6 +112,7 @@ class TokenLogprobs(nn.Module):
             self.fused,
             cu_seqlens,
             self.grad_into,
+            self.backend,
         )
 
 

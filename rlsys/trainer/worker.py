@@ -76,9 +76,11 @@ class TrainerWorker:
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
         total = self.cfg.steps * t.mini_batches
-        temp, fused = self.cfg.rollout.temperature, t.fused_logprob
+        temp, fused, kind = self.cfg.rollout.temperature, t.fused_logprob, t.logprob_backend
         dev = self.device
-        self.policy = TrainEngine(TokenLogprobs(model, temp, fused), t, t.lr, total, "lm.", dev)
+        self.policy = TrainEngine(
+            TokenLogprobs(model, temp, fused, kind), t, t.lr, total, "lm.", dev
+        )
         self.model = self.policy.module.lm  # the Hugging Face model (sharded under ZeRO-3)
         self.model.train()
         # Nothing hooks gradient accumulation at stage 0 with fp32 weights (grad_into.py).
@@ -96,7 +98,7 @@ class TrainerWorker:
             if t.packed_attention:
                 use_packed_attention(ref)
             self.ref = TrainEngine(
-                TokenLogprobs(ref, temp, fused), t, None, prefix="lm.", device=dev
+                TokenLogprobs(ref, temp, fused, kind), t, None, prefix="lm.", device=dev
             )
         self.kl_ctl = AdaptiveKLController(al.kl.coef, al.kl.target, al.kl.horizon)
         self.critic = None

@@ -47,6 +47,10 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("model.path=recipes", "'recipes' has no config.json"),  # a folder, not a model
         ("trainer", "is not of the form key=value"),
         ("trainer.device=gpu", "trainer.device: 'gpu' is not one of auto, cpu, cuda"),
+        (
+            "trainer.logprob_backend=hybird",
+            "'hybird' is not one of auto, triton, hybrid, torch. Did you mean 'hybrid'?",
+        ),
         ("trainer.device=cuda", "trainer.device=cuda needs a GPU for each trainer rank"),
         ("rollout.device=cuda", "rollout.device=cuda needs a GPU for each rollout worker"),
     ],
@@ -55,6 +59,15 @@ def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
     r = _cli("train", "recipes/quickstart.yaml", override)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_triton_logprob_backend_on_a_cpu_trainer_exits_2() -> None:
+    r = _cli(
+        "train", "recipes/quickstart.yaml", "trainer.logprob_backend=hybrid", "trainer.device=cpu"
+    )
+    assert r.returncode == 2, r.stderr
+    assert "trainer.logprob_backend=hybrid runs Triton kernels on a GPU" in r.stderr
     assert "Traceback" not in r.stderr
 
 

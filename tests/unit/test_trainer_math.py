@@ -78,3 +78,23 @@ def test_token_logprobs_match_full_logits(tiny_model_path) -> None:
     assert (lp[:, 1:][~m] == 0).all() and (lp[:, 0] == 0).all()
     lp[:, 1:][m].sum().backward()  # differentiable
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_token_logprobs_module_passes_its_kernel_backend(tiny_model_path, monkeypatch) -> None:
+    # trainer.logprob_backend reaches the fused kernel: "torch" gives the auto (CPU) result,
+    # "triton" asks for the Triton kernels, which refuse CPU tensors outside the interpreter
+    from transformers import AutoModelForCausalLM
+
+    from rlsys.trainer.logprobs import TokenLogprobs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    ids = torch.randint(
+        5, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1)
+    )
+    attn, resp = torch.ones_like(ids), torch.ones(2, 8)
+    auto = TokenLogprobs(model, 0.9, fused=True)(ids, attn, resp)
+    torch_ = TokenLogprobs(model, 0.9, fused=True, backend="torch")(ids, attn, resp)
+    assert all(torch.equal(a, b) for a, b in zip(auto, torch_, strict=True))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        TokenLogprobs(model, 0.9, fused=True, backend="triton")(ids, attn, resp)
