@@ -164,9 +164,10 @@ def triton_logprob_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Triton kernels: (logprob [T], entropy [T]) float32, differentiable.
 
-    tiles = (forward, backward); None takes `default_tiles` of the operand dtypes. `grad_into`: the fp32 leaf parameter whose values
-    `weight` holds (`weight` itself, or its detached bf16 copy): the backward's atomics add
-    dL/dW into its `.grad` (`rlsys.kernels.grad_into`), and `weight` gets no gradient.
+    tiles = (forward, backward); None takes `default_tiles` of the operand dtypes.
+    `grad_into`: the fp32 leaf parameter whose values `weight` holds (`weight` itself, or its
+    detached bf16 copy): the backward's atomics add dL/dW into its `.grad`
+    (`rlsys.kernels.grad_into`), and `weight` gets no gradient.
     """
     if hidden.dtype == torch.float64 or weight.dtype == torch.float64:
         raise TypeError("the Triton path takes float32/bfloat16/float16 inputs, not float64")
