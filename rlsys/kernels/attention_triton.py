@@ -16,10 +16,11 @@ atomics): dK/dV per key block and kv head (looping over the q heads of its GQA g
 the query blocks), and dQ per query block and q head.
 
 Each kernel walks its streamed blocks in two ranges, as the Triton tutorial's causal
-"stages": the blocks on the causal diagonal (and, in the forward, a partial key block at
-the sequence's end) go through a loop body compiled with the mask, the others through the
-same body without its compare and select. Rows past a sequence's end load as zeros; in the
-backward they add nothing (see the kernels), so only the forward masks padded keys.
+"stages": the blocks on the causal diagonal (and, in the forward and dQ, a partial key
+block at the sequence's end) go through a loop body compiled with the mask, the others through the
+same body without its compare and select. Rows past a sequence's end load as zeros; the
+forward and dQ mask such keys, while dK/dV needs no mask for queries past the end, which add
+nothing (see the kernels).
 
 Tiles: the forward and the backward have their own (`Tiles`, `BwdTiles`); candidates that
 ptxas compiles for sm_90 without spills are timed by `benchmarks/kernels.py --gpu`.
@@ -253,16 +254,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, qk_scale, sm_scal
 @triton.jit
 def _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mask_d, lo, hi,
               kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-              CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """dQ of one query block from the key blocks [lo, hi); CAUSAL: drop keys after their
-    query. Keys past n need no mask: they load k = v = 0, so dS k adds nothing."""
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              UPCAST: tl.constexpr):  # fmt: skip
+    """dQ of one query block from the key blocks [lo, hi) (MASKED as in `_fwd_steps`: a key
+    past n loads as 0 but its P = 2^-lse2 need not be finite, and inf x 0 is NaN)."""
     for n0 in range(lo, hi, BLOCK_N):
-        cols, _, k, v = _kv_block(K, V, start, n, n0 + offs_n, offs_d, mask_d, kv_head,
-                                  stride_kt, stride_kh, stride_vt, stride_vh)  # fmt: skip
+        cols, mask_n, k, v = _kv_block(K, V, start, n, n0 + offs_n, offs_d, mask_d, kv_head,
+                                       stride_kt, stride_kh, stride_vt, stride_vh)  # fmt: skip
         s = dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST)
         p = tl.exp2(s * qk_scale - lse[:, None])
-        if CAUSAL:
-            p = tl.where(cols[None, :] <= offs_m[:, None], p, 0.0)
+        if MASKED:
+            keep = mask_n[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
         dp = dot(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(k.dtype), k, dq, UPCAST)
@@ -290,19 +295,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale,
         q, do, lse, delta = _q_block(Q, DO, LSE, DELTA, start, n, offs_m, offs_d, mask_d, head,
                                      total, stride_qt, stride_qh)  # fmt: skip
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if CAUSAL:  # keys before `full` precede every query of the block
+        if CAUSAL:  # key ranges as in the forward
             hi = tl.minimum(n, m0 + BLOCK_M)
             full = (m0 // BLOCK_N) * BLOCK_N
         else:
             hi = n
-            full = n
+            full = (n // BLOCK_N) * BLOCK_N
         kv_head = head // GROUP
         dq = _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mask_d,
                        0, full, kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                       False, BLOCK_N, UPCAST)  # fmt: skip
+                       False, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
         dq = _dq_steps(dq, q, do, lse, delta, K, V, start, n, offs_m, offs_n, offs_d, mask_d,
                        full, hi, kv_head, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                       CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
+                       True, CAUSAL, BLOCK_N, UPCAST)  # fmt: skip
         tl.store(DQ + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
 

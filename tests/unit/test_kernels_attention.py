@@ -92,7 +92,7 @@ UNEQUAL_TILES = {"m32n16": ((32, 16), (16, 32)), "m16n32": ((16, 32), (32, 16))}
 
 
 def test_triton_kernels_ran_interpreted(triton_run) -> None:
-    n = len(TRITON_CASES) * (1 + len(UNEQUAL_TILES))
+    n = len(TRITON_CASES) * (1 + len(UNEQUAL_TILES)) + 1  # + negative_scores
     names = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     assert triton_run["launches"] == dict.fromkeys(names, n)
 
@@ -109,6 +109,21 @@ def test_triton_unequal_tiles_match_reference(triton_run, case: Case, tiles: str
     want = reference(make_inputs(case), case.causal)
     got = triton_run["results"][f"{case.name}/{tiles}"]
     check(got, want, case.dtype, f"triton {case.name} tiles {tiles}")
+
+
+# Every score very negative (q.k / sqrt(D) ~ -100, lse2 ~ -140): a key past the sequence end
+# (loaded as 0) would get P = 2^-lse2 = inf, and inf x 0 = NaN in dQ unless it is masked.
+NEGATIVE = Case("negative_scores", (20, 7), 2, 1, 16, causal=False)
+
+
+def negative_inputs() -> dict[str, torch.Tensor]:
+    inp = make_inputs(NEGATIVE, seed=3)
+    return {**inp, "q": 5.0 + 0.1 * inp["q"], "k": -5.0 + 0.1 * inp["k"]}
+
+
+def test_triton_masks_keys_past_the_end_when_scores_are_very_negative(triton_run) -> None:
+    want = reference(negative_inputs(), False)
+    check(triton_run["results"]["negative_scores"], want, torch.float32, "negative scores")
 
 
 def _interpreted_main(out: str) -> None:
@@ -132,6 +147,11 @@ def _interpreted_main(out: str) -> None:
         )
         for case in TRITON_CASES
     }
+    results["negative_scores"] = forward_backward(
+        negative_inputs(),
+        False,
+        lambda q, k, v, cu, causal: packed_attention(q, k, v, cu, causal, backend="triton"),
+    )
     for label, (fwd, bwd) in UNEQUAL_TILES.items():
         tiles = (attention_triton.Tiles(*fwd), attention_triton.BwdTiles(*bwd))
         for case in TRITON_CASES:
