@@ -226,9 +226,9 @@ class TrainerConfig:
     fused_logprob: bool = True
     """Fused LM-head + log-softmax + entropy (never materialises [tokens x vocab] logits)."""
     logprob_backend: str = "auto"
-    """The fused kernel's backend: auto (Triton kernels on GPU, chunked torch on CPU), triton,
-    hybrid (GPU: cuBLAS GEMMs + Triton row kernels, `rlsys/kernels/logprob_hybrid.py`) or
-    torch (chunked torch anywhere)."""
+    """The fused kernel's backend: auto (hybrid on GPU, chunked torch on CPU), hybrid (GPU:
+    cuBLAS GEMMs + Triton row kernels, `rlsys/kernels/logprob_hybrid.py`), triton (GPU: all
+    Triton, `logprob_triton.py`) or torch (chunked torch anywhere)."""
     vocab_grad_fusion: bool = True
     """Add the [V, H] input-embedding and LM-head gradients straight into `.grad` where they
     are computed (`rlsys/kernels/grad_into.py`): one vocabulary-sized buffer less at the peak

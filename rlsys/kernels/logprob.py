@@ -51,6 +51,12 @@ NEG = -1.0e30  # running-max start: finite, so (m - m') * s and e^{m - m'} never
 # 8192 the gain is within noise while memory grows.
 CHUNK_T = 1024
 CHUNK_V = 8192
+# What backend="auto" runs on a GPU: the hybrid path (cuBLAS GEMMs + Triton row kernels), not
+# the all-Triton kernels, whose backward adds dW with T/BLOCK_T x V x H fp32 atomics (14.5 GB
+# of read-modify-write at T=8192, H=576, V=49152; 320 GB at H=4096, V=151936) where the
+# hybrid path's cuBLAS accumulation moves 1.8 / 40 GB. Chosen from that count, not yet timed:
+# `benchmarks/kernels.py --gpu` times both.
+AUTO_ON_GPU = "hybrid"
 
 
 def fused_logprob_entropy(
@@ -65,8 +71,9 @@ def fused_logprob_entropy(
 
     hidden [T, H] float32/bfloat16, weight [V, H], targets [T] int -> (logprob [T] float32,
     entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
-    (Triton on CUDA, chunked torch on CPU), "triton", "hybrid" (cuBLAS GEMMs + Triton row
-    kernels, `logprob_hybrid.py`; CUDA or the interpreter) or "torch". Under autocast the GEMM
+    (`AUTO_ON_GPU` on CUDA, chunked torch on CPU), "triton" (`logprob_triton.py`), "hybrid"
+    (cuBLAS GEMMs + Triton row kernels, `logprob_hybrid.py`; both CUDA or the interpreter) or
+    "torch". Under autocast the GEMM
     operands are rounded to its dtype (module docstring). `grad_into` (a float32 leaf
     weight): the backward adds dL/dweight into `weight.grad` where it computes it, instead of
     returning it through autograd (`rlsys.kernels.grad_into`).
@@ -74,6 +81,8 @@ def fused_logprob_entropy(
     _check(hidden, weight, targets, temperature)
     lowp = operand_dtype(hidden, weight)
     kind = "hybrid" if backend == "hybrid" else resolve(backend, hidden.device)
+    if backend == "auto" and kind == "triton":
+        kind = AUTO_ON_GPU
     if kind in ("triton", "hybrid"):
         from rlsys.kernels.logprob_hybrid import hybrid_logprob_entropy
         from rlsys.kernels.logprob_triton import triton_logprob_entropy

@@ -365,6 +365,24 @@ def test_chunked_saves_no_logits() -> None:
     assert saved == h.numel() + w.numel() + 3 * case.t
 
 
+@pytest.mark.parametrize("backend", ["auto", "hybrid", "triton"])
+def test_backend_on_a_gpu_picks_the_hybrid_path_for_auto(monkeypatch, backend) -> None:
+    # what each backend name runs where `resolve` says the tensors could take Triton (a GPU)
+    from rlsys.kernels import logprob, logprob_hybrid, logprob_triton
+
+    ran = []
+    monkeypatch.setattr(logprob, "resolve", lambda backend, device: "triton")
+    for mod, name, label in (
+        (logprob_hybrid, "hybrid_logprob_entropy", "hybrid"),
+        (logprob_triton, "triton_logprob_entropy", "triton"),
+    ):
+        monkeypatch.setattr(mod, name, lambda *a, _l=label, **k: ran.append(_l) or (1, 2))
+    inp = make_inputs(Case("gpu", 5, 16, 50))
+    fused_logprob_entropy(inp["hidden"], inp["weight"], inp["targets"], backend=backend)
+    assert ran == [logprob.AUTO_ON_GPU if backend == "auto" else backend]
+    assert logprob.AUTO_ON_GPU == "hybrid"
+
+
 def test_auto_backend_on_cpu_is_chunked_torch() -> None:
     inp = make_inputs(Case("auto", 5, 16, 50))
     h = inp["hidden"].requires_grad_()
@@ -396,30 +414,25 @@ def test_rejects_bad_arguments() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "hybrid"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_cuda_matches_reference(dtype: torch.dtype, backend: str) -> None:
-    # auto = the Triton kernels; hybrid in 3 chunks (1024 + 1024 + 5 tokens)
+def test_triton_cuda_matches_reference(dtype: torch.dtype, backend: str, monkeypatch) -> None:
+    # auto = the hybrid path on a GPU, here in 3 chunks (1024 + 1024 + 5 tokens); triton = the
+    # all-Triton kernels
+    from rlsys.kernels import logprob_hybrid
+
     case = Case("cuda", 2053, 576, 49152, dtype, tau=0.9)  # T not a multiple of BLOCK_T
+    monkeypatch.setattr(logprob_hybrid, "CHUNK_BYTES", 1024 * 4 * case.v)
     inp = {k: v.cuda() for k, v in make_inputs(case).items()}
 
     def fn(h, w, y, tau, **kw):
-        if backend == "hybrid":
-            from rlsys.kernels.logprob_hybrid import hybrid_logprob_entropy
-
-            param = w if kw.get("grad_into") else None
-            return hybrid_logprob_entropy(
-                h, w, y, tau, grad_into=param, chunk_bytes=1024 * 4 * case.v
-            )
-        return fused_logprob_entropy(h, w, y, tau, **kw)
+        return fused_logprob_entropy(h, w, y, tau, backend=backend, **kw)
 
     got = forward_backward(inp, case.tau, fn)
     assert type(got["lp"]) is torch.Tensor and got["lp"].is_cuda
     check(got, reference(inp, case.tau), dtype, f"{backend} cuda")
     if dtype == torch.float32:  # grad_into: the same dW, added into .grad
-        into = forward_backward(
-            inp, case.tau, lambda h, w, y, tau: fn(h, w, y, tau, grad_into=True)
-        )
+        into = forward_backward(inp, case.tau, lambda *a: fn(*a, grad_into=True))
         assert_close(into["dw"], got["dw"], TOL_GRAD[dtype], f"{backend} cuda grad_into dw")
 
 
