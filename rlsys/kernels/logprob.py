@@ -38,7 +38,7 @@ from collections.abc import Iterator
 
 import torch
 
-from rlsys.kernels.backend import resolve
+from rlsys.kernels.backend import BACKENDS, resolve
 from rlsys.kernels.grad_into import grad_buffer
 from rlsys.kernels.reference import compute_dtype
 
@@ -73,16 +73,20 @@ def fused_logprob_entropy(
     entropy [T] float32), both differentiable w.r.t. hidden and weight. backend: "auto"
     (`AUTO_ON_GPU` on CUDA, chunked torch on CPU), "triton" (`logprob_triton.py`), "hybrid"
     (cuBLAS GEMMs + Triton row kernels, `logprob_hybrid.py`; both CUDA or the interpreter) or
-    "torch". Under autocast the GEMM
-    operands are rounded to its dtype (module docstring). `grad_into` (a float32 leaf
-    weight): the backward adds dL/dweight into `weight.grad` where it computes it, instead of
-    returning it through autograd (`rlsys.kernels.grad_into`).
+    "torch". Under autocast the GEMM operands are rounded to its dtype (module docstring).
+    `grad_into` (a float32 leaf weight): the backward adds dL/dweight into `weight.grad`
+    where it computes it, instead of returning it through autograd (`rlsys.kernels.grad_into`).
     """
     _check(hidden, weight, targets, temperature)
     lowp = operand_dtype(hidden, weight)
-    kind = "hybrid" if backend == "hybrid" else resolve(backend, hidden.device)
-    if backend == "auto" and kind == "triton":
-        kind = AUTO_ON_GPU
+    if backend not in (*BACKENDS, "hybrid"):
+        raise ValueError(
+            f"unknown backend '{backend}', expected one of auto, triton, hybrid, torch"
+        )
+    # hybrid needs what triton needs (CUDA or the interpreter): `resolve` checks both alike
+    kind = resolve("triton" if backend == "hybrid" else backend, hidden.device)
+    if kind == "triton" and backend != "triton":
+        kind = AUTO_ON_GPU if backend == "auto" else "hybrid"
     if kind in ("triton", "hybrid"):
         from rlsys.kernels.logprob_hybrid import hybrid_logprob_entropy
         from rlsys.kernels.logprob_triton import triton_logprob_entropy

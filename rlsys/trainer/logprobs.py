@@ -27,8 +27,8 @@ def token_logprobs(
     """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
     `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
     (then `position_ids` must restart per sample). `fused` computes the LM head, log-softmax
-    and entropy chunk by chunk (`rlsys.kernels.fused_logprob_entropy`: Triton/cuBLAS on GPU, chunked
-    torch on CPU), never holding the [N, V] logits; entropy then carries a gradient too.
+    and entropy chunk by chunk (`rlsys.kernels.fused_logprob_entropy`: cuBLAS + Triton on GPU,
+    chunked torch on CPU), never holding the [N, V] logits; entropy then carries a gradient.
     `cu_seqlens` (packed rows): the samples' offsets, for a model on the `rlsys_packed`
     attention (`trainer/attention.py`), which then ignores the dense mask. `grad_into`
     (with `fused`): the LM head's weight gradient goes straight into its `.grad`
