@@ -6,6 +6,9 @@
 #   run  command="bash benchmarks/gpu_session.sh"
 #        carry=[".cache/wheels", ".cache/rlsys/models/tiny-llama"]  timeout_s=570
 #
+# Seen on two H200 machines (2026-12-04): steps 2-4 took about 90 / 12 / 70 s on one, and about
+# 110 / 34 / 157 s on the other (its host was slower: launch-bound rows ran up to 2x slower).
+#
 # On the device machine it uses that image's python3 (its torch and triton) and installs
 # nothing but the carried wheels. Steps, each bounded and each run even if one before failed,
 # the figures first:
@@ -37,20 +40,20 @@ if compgen -G ".cache/wheels/*.whl" >/dev/null; then
 fi
 
 echo "== 2. benchmarks/kernels.py --gpu"
-timeout 300 "$PY" benchmarks/kernels.py --gpu --tune-s 120 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
+timeout 240 "$PY" benchmarks/kernels.py --gpu --tune-s 120 2>&1 | tee "$OUT/kernels_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
   benchmarks/results/kernels_section.md benchmarks/results/kernels_gpu_table.md \
   benchmarks/results/kernels_gpu_partial.json "$OUT"/ 2>/dev/null
 
 echo "== 3. GPU kernel tests"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+timeout 90 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
   tests/unit/test_kernels_logprob.py tests/unit/test_kernels_attention.py \
   tests/unit/test_kernels_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 4. the trainer and the native engine on the GPU"
-RLSYS_CACHE="$PWD/.cache/rlsys" timeout 120 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
+RLSYS_CACHE="$PWD/.cache/rlsys" timeout 220 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
   tests/unit/test_devices.py tests/unit/test_native_engine.py 2>&1 | tee "$OUT/trainer_gpu.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 exit $status

@@ -394,10 +394,13 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
     """The CUDA rows. With tune_s > 0 each Triton kernel first sweeps its candidate tiles
     (`rlsys.kernels.tune`; 35% of tune_s per logprob shape, 30% for attention) and its
     timed row runs with the fastest; the default tiles' time is kept beside it."""
+    import triton
+
     from rlsys.kernels import attention_triton, logprob_triton
     from rlsys.kernels.tune import override, tune_attention, tune_logprob
 
     rows, fig = [], {"gpu_device": torch.cuda.get_device_name()}
+    fig |= {"gpu_torch": torch.__version__, "gpu_triton": triton.__version__}
 
     def tuned_measure(kernel, variant, cfg, module, tiles, default, key) -> dict:
         """The row's time with `tiles`, and the default tiles' time beside it."""
@@ -489,16 +492,20 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
 # --------------------------------------------------------------------------- report
 
 
+def _time(seconds: float) -> str:
+    return f"{seconds:.3f} s" if seconds >= 1 else f"{1e3 * seconds:.3g} ms"
+
+
 def table(rows: list[list], base_name: str) -> str:
     head = f"| kernel | shape | {base_name} time | {base_name} peak | fused time | fused peak | time x | mem x |"
     lines = [head, "|" + " --- |" * 8]
     for name, shape, base, new in rows:
-        cells = [name, shape, f"{base['time_s']:.3f} s", f"{base['peak_bytes'] / MIB:.0f} MiB"]
+        cells = [name, shape, _time(base["time_s"]), f"{base['peak_bytes'] / MIB:.0f} MiB"]
         if new is None:
             cells += ["-", "-", "-", "-"]
         else:
             cells += [
-                f"{new['time_s']:.3f} s",
+                _time(new["time_s"]),
                 f"{new['peak_bytes'] / MIB:.0f} MiB",
                 f"{base['time_s'] / new['time_s']:.2f}",
                 f"{new['peak_bytes'] / max(base['peak_bytes'], 1):.3f}",

@@ -56,18 +56,22 @@ class BwdTiles(NamedTuple):
     warps: int = 8
 
 
-# By head dim (<= 64, wider: measured at 128): configurations ptxas compiles for sm_90
-# without register spills (`python -m rlsys.kernels.aot`). The backward owns more rows than
-# it streams, as the Triton tutorial's; at D=128 only 32 x 32 builds without spills. Not yet
-# timed on a GPU: `benchmarks/kernels.py --gpu` times the candidates below.
-FWD_TILES = {64: Tiles(64, 64), 128: Tiles(64, 32)}
-BWD_TILES = {64: BwdTiles(64, 32), 128: BwdTiles(32, 32)}
+# By head dim (<= 64, wider: measured at 128). The backward owns more rows than it streams,
+# as the Triton tutorial's. Head dim 64: the winners of the H200 sweep (benchmarks/results/kernels_gpu.json, 2026-12-04,
+# Triton 3.6; 8192 packed tokens, 9 / 3 heads): forward 128 x 64 (0.112 ms against 0.162 for
+# 64 x 64), backward own 128 / stream 32 (forward + backward 0.757 ms against 1.017 for own 64
+# / stream 32), although its dK/dV spills (96 bytes per thread with Triton 3.9, 440 with 3.6):
+# 128 keys per program halve the passes over the queries. Head dim 128: not timed on a GPU;
+# the tiles ptxas builds for sm_90 without spills (`python -m rlsys.kernels.aot`), where only
+# 32 x 32 does in the backward.
+FWD_TILES = {64: Tiles(128, 64), 128: Tiles(64, 32)}
+BWD_TILES = {64: BwdTiles(128, 32), 128: BwdTiles(32, 32)}
 # Timed by `benchmarks/kernels.py --gpu` at head_dim 64, bf16 (the first is the default):
 # spill-free on sm_90 (regs <= 255, no local memory), except the tutorial's own 128 x
 # stream 32 and 64 x 64, whose dK/dV spill 96 and 24 bytes per thread.
-FWD_CANDIDATES = (Tiles(64, 64), Tiles(128, 64), Tiles(64, 128), Tiles(128, 128), Tiles(128, 32))
-BWD_CANDIDATES = (BwdTiles(64, 32), BwdTiles(32, 64), BwdTiles(32, 32), BwdTiles(64, 64),
-                  BwdTiles(128, 32))  # fmt: skip
+FWD_CANDIDATES = (Tiles(128, 64), Tiles(64, 64), Tiles(64, 128), Tiles(128, 128), Tiles(128, 32))
+BWD_CANDIDATES = (BwdTiles(128, 32), BwdTiles(64, 32), BwdTiles(32, 64), BwdTiles(32, 32),
+                  BwdTiles(64, 64))  # fmt: skip
 # (forward, backward) tiles for every launch when set: tests shrink them, and
 # `rlsys.kernels.tune.override` times candidates.
 OVERRIDE: tuple[Tiles, BwdTiles] | None = None

@@ -20,8 +20,9 @@ bf16/fp16 take the tensor cores, fp32 (and a mixed pair, taken to fp32) the "iee
 whose operand tiles live in registers and need a narrower H chunk. Both were chosen offline
 as configurations ptxas compiles for sm_90 without register spills (`python -m
 rlsys.kernels.aot`: registers, shared memory and spills of every launch; the defaults before
-spilled 448-1352 bytes per thread in the backward); they are not yet timed on a GPU:
-`benchmarks/kernels.py --gpu` times the bf16 candidates below and reports the fastest.
+spilled 448-1352 bytes per thread in the backward). The bf16 tiles are the fastest of the
+candidates below on an H200 (`benchmarks/kernels.py --gpu` sweeps them); the fp32 ones are
+not timed on a GPU.
 """
 
 from __future__ import annotations
@@ -47,15 +48,19 @@ class Tiles(NamedTuple):
     warps: int = 8
 
 
-# (forward, backward): bf16/fp16 operands (tensor cores), fp32 or mixed operands.
-TENSOR_CORE_TILES = (Tiles(64, 128, 32), Tiles(64, 128, 32))
+# (forward, backward): bf16/fp16 operands (tensor cores), fp32 or mixed operands. The bf16
+# tiles are the winners of the H200 sweep (benchmarks/results/kernels_gpu.json, 2026-12-04,
+# Triton 3.6): forward 128x128x32 (1.61 ms at T=8192, H=576, V=49152 against 2.11 for the old
+# 64x128x32; within 1% of the best, 64x256x32, at H=4096), backward 64x64x32 (fastest at both
+# sizes). The fp32 tiles are not timed on a GPU.
+TENSOR_CORE_TILES = (Tiles(128, 128, 32), Tiles(64, 64, 32))
 FP32_TILES = (Tiles(64, 64, 16), Tiles(64, 64, 16))
 # Timed by `benchmarks/kernels.py --gpu` with bf16 operands (the first is the default): the
 # 8-warp tiles that build for sm_90 without spills (4 warps spill at all of these sizes),
 # but 128 x 128 x 32 in the backward (8 bytes per thread).
-FWD_CANDIDATES = (Tiles(64, 128, 32), Tiles(128, 128, 32), Tiles(128, 64, 32), Tiles(64, 64, 32),
+FWD_CANDIDATES = (Tiles(128, 128, 32), Tiles(64, 128, 32), Tiles(128, 64, 32), Tiles(64, 64, 32),
                   Tiles(64, 64, 64), Tiles(64, 256, 32), Tiles(128, 64, 64))  # fmt: skip
-BWD_CANDIDATES = (Tiles(64, 128, 32), Tiles(128, 64, 32), Tiles(64, 64, 32), Tiles(64, 64, 64),
+BWD_CANDIDATES = (Tiles(64, 64, 32), Tiles(64, 128, 32), Tiles(128, 64, 32), Tiles(64, 64, 64),
                   Tiles(128, 128, 32))  # fmt: skip
 # (forward, backward) tiles for every launch when set: tests shrink them to cover partial
 # tiles, `rlsys.kernels.tune.override` times candidates.

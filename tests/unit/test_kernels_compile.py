@@ -1,6 +1,7 @@
 """Every Triton kernel, as the launchers launch it, compiles for an H100/H200 (sm_90) on this
 machine without a GPU (`rlsys.kernels.aot`: Triton's front end, the NVIDIA passes and the
-wheel's ptxas), fits a block's shared memory, and does not spill registers.
+wheel's ptxas), fits a block's shared memory, and does not spill registers, except the one
+spilling tile that an H200 measured fastest (attention_triton.BWD_TILES at head dim 64).
 
 The launches come from running the real launchers (forward and backward) with the kernels
 swapped for recorders, so the compiled signatures are the ones a GPU run would build: a
@@ -78,7 +79,9 @@ def test_every_candidate_tile_compiles_and_fits(tmp_path_factory) -> None:
         assert (r["local"] > 0) == spills, f"{r['kernel']} spills {r['local']} bytes per thread"
 
 
-def test_every_launch_compiles_fits_and_does_not_spill(rows) -> None:
+def test_every_launch_compiles_fits_and_spills_only_where_documented(rows) -> None:
+    # the head-dim-64 attention backward's own 128 / stream 32 dK/dV spills and is still the
+    # fastest on an H200 (attention_triton.BWD_TILES); every other launch is spill-free
     from rlsys.kernels.aot import SHARED_LIMIT
 
     assert {r["kernel"].split("[")[0] for r in rows} == KERNELS
@@ -87,7 +90,8 @@ def test_every_launch_compiles_fits_and_does_not_spill(rows) -> None:
         assert r["ok"], f"{r['kernel']}: {r.get('error')}"
         assert 0 < r["regs"] <= 255, r
         assert r["shared"] <= SHARED_LIMIT[90], r
-        assert r["local"] == 0, f"{r['kernel']} spills {r['local']} bytes per thread"
+        spills = any(r["kernel"].startswith(k) for k in SPILLING)
+        assert (r["local"] > 0) == spills, f"{r['kernel']} spills {r['local']} bytes per thread"
 
 
 def test_the_mixed_dtype_logprob_launch_is_among_them(rows) -> None:

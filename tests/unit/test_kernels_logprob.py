@@ -5,7 +5,8 @@ The Triton path runs in a child process with TRITON_INTERPRET=1 (this file is it
 `__main__`), with blocks shrunk to 16 x 64 x 16 so that every case has partial tiles, the
 forward's vocabulary split 3 ways (one split empty for V=200), the chunked-torch fallback
 patched to raise, and kernel launches counted. The hybrid path (cuBLAS GEMMs + Triton row
-kernels) runs there too, in chunks of 16 tokens with 64-wide row blocks (partial on both).
+kernels) runs there too: its forward in chunks of 16 tokens, its backward in chunks of
+vocabulary columns (multiples of 32), with 64-wide row blocks (partial on every axis).
 """
 
 from __future__ import annotations
@@ -158,15 +159,19 @@ def test_triton_grad_into_adds_the_weight_gradient_into_grad(triton_run, autocas
 
 # --------------------------------------------------------------------------- hybrid
 
-HYBRID_ROWS = 16  # tokens per chunk in the interpreted run
+HYBRID_ROWS = 16  # tokens per forward chunk in the interpreted run (budget 16 x V x 4 bytes)
+HYBRID_COL_ALIGN = 32  # backward chunks: multiples of 32 columns with T x cols x 4 <= budget
+# Backward column chunks per call in that run: odd_fp32 (T=37, V=300): 128 + 128 + 44;
+# t1: all 100 columns; long_t (T=300, V=200): 6 x 32 + 8; odd_bf16 and autocast as odd_fp32;
+# grad_into (T=37, then T=5: 1 chunk), in fp32 and under autocast.
+HYBRID_COL_CHUNKS = 3 + 1 + 7 + 3 + 3 + 2 * (3 + 1)
 
 
 def test_hybrid_kernels_ran_interpreted_once_per_chunk(triton_run) -> None:
     cases = [*TRITON_CASES, TRITON_AUTOCAST, *GRAD_INTO, *GRAD_INTO]
-    chunks = sum(-(-c.t // HYBRID_ROWS) for c in cases)
     assert triton_run["hybrid_launches"] == {
-        "_row_stats_kernel": chunks,
-        "_row_grad_kernel": chunks,
+        "_row_stats_kernel": sum(-(-c.t // HYBRID_ROWS) for c in cases),
+        "_row_grad_kernel": HYBRID_COL_CHUNKS,
     }
 
 
@@ -201,6 +206,15 @@ def test_hybrid_chunk_rows() -> None:
     assert chunk_rows(8192, 151936) == 1024
     assert chunk_rows(100, 49152) == 100  # capped at T
     assert chunk_rows(8192, 10**9) == 16  # at least 16
+
+
+def test_hybrid_chunk_cols() -> None:
+    from rlsys.kernels.logprob_hybrid import chunk_cols
+
+    assert chunk_cols(8192, 151936) == 32768  # 1 GiB of fp32 logits: 5 chunks, the last partial
+    assert chunk_cols(3000, 151936) == 89472  # 89478 rounded down to a multiple of 128
+    assert chunk_cols(100, 49152) == 49152  # capped at V
+    assert chunk_cols(10**7, 49152) == 128  # at least COL_ALIGN
 
 
 def _interpreted_main(out: str) -> None:
@@ -244,6 +258,7 @@ def _interpreted_main(out: str) -> None:
 
     logprob_hybrid.CHUNK_BYTES = HYBRID_ROWS * 4 * 300  # 16 rows at V=300, more at V=100, 200
     logprob_hybrid.ROW_BLOCK = logprob_hybrid.GRAD_BLOCK = 64
+    logprob_hybrid.COL_ALIGN = HYBRID_COL_ALIGN
 
     def hybrid(h, w, y, tau, **kw):
         return fused_logprob_entropy(h, w, y, tau, backend="hybrid", **kw)
@@ -417,8 +432,8 @@ def test_rejects_bad_arguments() -> None:
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_triton_cuda_matches_reference(dtype: torch.dtype, backend: str, monkeypatch) -> None:
-    # auto = the hybrid path on a GPU, here in 3 chunks (1024 + 1024 + 5 tokens); triton = the
-    # all-Triton kernels
+    # auto = the hybrid path on a GPU, here in 3 token chunks (1024 + 1024 + 5) forward and 3
+    # vocabulary chunks (24448 + 24448 + 256) backward; triton = the all-Triton kernels
     from rlsys.kernels import logprob_hybrid
 
     case = Case("cuda", 2053, 576, 49152, dtype, tau=0.9)  # T not a multiple of BLOCK_T
