@@ -49,7 +49,7 @@ cp benchmarks/results/kernels_gpu.json benchmarks/results/kernels.json \
 echo "== 3. GPU kernel tests"
 timeout 90 "$PY" -m pytest -q -p no:cacheprovider --gpu -m gpu \
   tests/unit/test_kernels_logprob.py tests/unit/test_kernels_attention.py \
-  tests/unit/test_kernels_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
+  tests/unit/test_kernels_loss.py tests/unit/test_kernels_head_loss.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 echo "== 4. the trainer and the native engine on the GPU"

@@ -7,11 +7,13 @@ Rows (forward + backward each):
 - logprob: fused LM head + logprob + entropy (chunked torch on CPU, Triton on GPU) vs the
   naive [T, V]-logits reference, at SmolLM2-135M's head (T=8192, H=576, V=49152, fp32 on
   CPU) and a Qwen-7B-sized head (H=4096, V=151936, bf16; T reduced on CPU, printed).
-  On GPU also Liger-Kernel's LigerFusedLinearCrossEntropyLoss (logprob only) if importable.
+  On GPU also Liger-Kernel's LigerFusedLinearCrossEntropyLoss (logprob only) if importable,
+  the all-Triton kernels, and the same loss with its gradient made in the head's forward
+  (`rlsys.kernels.head_loss`, what the trainer runs with `trainer.fused_loss`).
 - loss: fused policy loss vs the autograd reference, [64, 4096] tokens.
 - attention: packed varlen attention, 8192 tokens in 8 sequences, 9 q / 3 kv heads, D=64
-  (SmolLM2-135M): SDPA with the dense block-diagonal mask (the CPU fallback and baseline);
-  on GPU the Triton kernel and FlexAttention (if it compiles) against it.
+  (SmolLM2-135M): length-grouped SDPA (the CPU fallback and baseline); on GPU the Triton
+  kernel and FlexAttention (if it compiles) against it.
 
 CPU peak memory. Each variant runs in a fresh child process (`--child`), so allocator caches
 and earlier variants cannot hide or inflate anything. The child builds its inputs, runs
@@ -88,6 +90,12 @@ def logprob_step(variant: str, inp: dict) -> None:
         lp, ent = fused_logprob_entropy(h, w, y)
     elif variant == "triton":  # the all-Triton kernels (GPU; "fused" = auto = hybrid there)
         lp, ent = fused_logprob_entropy(h, w, y, backend="triton")
+    elif variant == "fused_loss":  # the same loss, its gradient made in the forward
+        from rlsys.kernels.head_loss import fused_head_loss
+
+        loss, _, _ = fused_head_loss(h, w, y, lambda rows, lp, ent: lp.sum() + 0.01 * ent.sum())
+        loss.backward()
+        return
     elif variant == "liger":  # logprob only: Liger's fused CE has no entropy output
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -425,6 +433,7 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
         torch.cuda.empty_cache()
         naive = gpu_measure("logprob", "naive", cfg)
         fused = gpu_measure("logprob", "fused", cfg)  # auto: the hybrid path on a GPU
+        floss = _optional("logprob", "fused_loss", cfg)  # rlsys.kernels.head_loss
         liger = _optional("logprob", "liger", cfg)
         try:
             tri = tuned_measure(
@@ -448,6 +457,16 @@ def gpu_rows(tune_s: float) -> tuple[list[list], dict]:
             lkey = "logprob_over_liger" if name == "h576" else f"logprob_over_liger_{name}"
             fig[lkey] = round(liger["time_s"] / fused["time_s"], 3)
             rows.append([f"  liger {name} (lp only)", f"T={t} {dt}", naive, liger])
+        if floss is not None:
+            fig |= {
+                f"{key}_fused_loss_ms": round(1e3 * floss["time_s"], 2),
+                f"{key}_fused_loss_speedup": round(naive["time_s"] / floss["time_s"], 3),
+                f"{key}_fused_loss_mem_ratio": round(floss["peak_bytes"] / naive["peak_bytes"], 4),
+            }
+            if liger is not None:
+                lkey = "logprob_loss_over_liger" + ("" if name == "h576" else f"_{name}")
+                fig[lkey] = round(liger["time_s"] / floss["time_s"], 3)
+            rows.append([f"  fused loss {name}", f"T={t} {dt}", naive, floss])
         if tri is not None:
             fig |= {
                 f"{key}_triton_speedup": round(naive["time_s"] / tri["time_s"], 3),

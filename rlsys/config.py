@@ -229,6 +229,11 @@ class TrainerConfig:
     """The fused kernel's backend: auto (hybrid on GPU, chunked torch on CPU), hybrid (GPU:
     cuBLAS GEMMs + Triton row kernels, `rlsys/kernels/logprob_hybrid.py`), triton (GPU: all
     Triton, `logprob_triton.py`) or torch (chunked torch anywhere)."""
+    fused_loss: bool = True
+    """With `fused_logprob`: compute the policy loss's gradient inside the LM head's forward
+    (`rlsys/kernels/head_loss.py`), which then skips the backward's logits recompute (three
+    [tokens x vocab x hidden] GEMMs instead of four). Applies where the loss is a sum of
+    per-token terms (every `policy_loss` but gspo) and `logprob_backend` is not triton."""
     vocab_grad_fusion: bool = True
     """Add the [V, H] input-embedding and LM-head gradients straight into `.grad` where they
     are computed (`rlsys/kernels/grad_into.py`): one vocabulary-sized buffer less at the peak

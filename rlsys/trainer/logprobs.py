@@ -23,7 +23,8 @@ def token_logprobs(
     cu_seqlens: torch.Tensor | None = None,
     grad_into: bool = False,
     backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+    token_loss=None,
+) -> tuple[torch.Tensor, ...]:
     """Returns (logp, entropy), each [B, L] with values at response positions, 0 elsewhere.
     `attention_mask` is a [B, L] padding mask, or a [B, 1, L, L] boolean mask for packed rows
     (then `position_ids` must restart per sample). `fused` computes the LM head, log-softmax
@@ -32,7 +33,13 @@ def token_logprobs(
     `cu_seqlens` (packed rows): the samples' offsets, for a model on the `rlsys_packed`
     attention (`trainer/attention.py`), which then ignores the dense mask. `grad_into`
     (with `fused`): the LM head's weight gradient goes straight into its `.grad`
-    (`rlsys.kernels.grad_into`). `backend`: the fused kernel's (`fused_logprob_entropy`)."""
+    (`rlsys.kernels.grad_into`). `backend`: the fused kernel's (`fused_logprob_entropy`).
+
+    `token_loss(idx, logp, entropy) -> scalar` (with `fused`; a sum of per-token terms, see
+    `rlsys.kernels.head_loss`): the loss of the response tokens at flat positions `idx` of the
+    [B, L] layout given their logp and entropy [n]. Then the LM head computes the loss's
+    gradient in its forward, and the result is (logp, entropy, loss): loss differentiable,
+    logp and entropy not."""
     from rlsys.trainer.attention import varlen_kwargs
 
     if position_ids is None:
@@ -46,7 +53,27 @@ def token_logprobs(
     sel = response_mask[:, 1:] > 0  # next token is a response token
     h = hidden[:, :-1][sel]  # [N, H]
     targets = input_ids[:, 1:][sel]  # [N]
-    if fused:
+    loss = None
+    if token_loss is not None:
+        if not fused:
+            raise ValueError("token_loss needs fused=True")
+        from rlsys.kernels.head_loss import fused_head_loss
+
+        b, length = response_mask.shape
+        flat = torch.arange(b * length, device=h.device).view(b, length)[:, 1:][sel]  # [N]
+        loss, lp, ent = _as_forward(
+            model.get_output_embeddings(),
+            lambda w: fused_head_loss(
+                h,
+                w,
+                targets,
+                lambda rows, lp_c, ent_c: token_loss(flat[rows], lp_c, ent_c),
+                temperature,
+                backend,  # auto, hybrid or torch (the all-Triton kernels have no fused loss)
+                grad_into,
+            ),
+        )
+    elif fused:
         from rlsys.kernels import fused_logprob_entropy
 
         head = model.get_output_embeddings()
@@ -65,7 +92,7 @@ def token_logprobs(
     entropy = torch.zeros_like(logp)
     logp[:, 1:][sel] = lp
     entropy[:, 1:][sel] = ent
-    return logp, entropy
+    return (logp, entropy) if loss is None else (logp, entropy, loss)
 
 
 def _as_forward(module: torch.nn.Module, fn):
@@ -101,7 +128,8 @@ class TokenLogprobs(nn.Module):
         response_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        token_loss=None,
+    ) -> tuple[torch.Tensor, ...]:
         return token_logprobs(
             self.lm,
             input_ids,
@@ -113,6 +141,7 @@ class TokenLogprobs(nn.Module):
             cu_seqlens,
             self.grad_into,
             self.backend,
+            token_loss,
         )
 
 

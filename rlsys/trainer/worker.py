@@ -81,6 +81,8 @@ class TrainerWorker:
         self.policy = TrainEngine(
             TokenLogprobs(model, temp, fused, kind), t, t.lr, total, "lm.", dev
         )
+        # the loss's gradient in the LM head's forward (a sum of per-token terms only)
+        self.fused_loss = t.fused_loss and fused and al.policy_loss != "gspo" and kind != "triton"
         self.model = self.policy.module.lm  # the Hugging Face model (sharded under ZeRO-3)
         self.model.train()
         # Nothing hooks gradient accumulation at stage 0 with fp32 weights (grad_into.py).
@@ -193,13 +195,75 @@ class TrainerWorker:
         )
 
     def _logp(
-        self, engine: TrainEngine, mb: MicroBatch, resp: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, engine: TrainEngine, mb: MicroBatch, resp: torch.Tensor, token_loss=None
+    ) -> tuple[torch.Tensor, ...]:
         """(logp, entropy) [b, l] of `engine`'s model (policy or reference) on a micro-batch,
-        on the trainer's device."""
+        on the trainer's device; with `token_loss`, (logp, entropy, loss) from the LM head's
+        fused loss (`token_logprobs`)."""
         ids, att, pos, cu = self._inputs(mb)
         with self._autocast():
-            return engine(ids, att, self._to(resp), pos, cu)
+            if token_loss is None:
+                return engine(ids, att, self._to(resp), pos, cu)
+            return engine(ids, att, self._to(resp), pos, cu, token_loss=token_loss)
+
+    def _token_loss(
+        self,
+        logp: torch.Tensor,
+        ent: torch.Tensor,
+        x: dict[str, torch.Tensor | None],
+        kl_coef: float,
+        seq_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """The policy update's per-token loss (policy loss, KL term, entropy bonus; zero where
+        masked) on tokens of any shape, and its parts for the metrics. Elementwise in the
+        tokens except gspo's per-sequence ratio (`seq_ids`), so the fused head loss can call
+        it on each chunk of tokens."""
+        al = self.cfg.algorithm
+        old = logp.detach() if x["old"] is None else x["old"]
+        w, mm = off_policy_weights(
+            old, x["behav"], x["resp"], al.off_policy.mode, al.off_policy.cap
+        )
+        tok, clipped = policy_loss(
+            logp,
+            old,
+            x["adv"],
+            mm,
+            al.policy_loss,
+            al.clip_low,
+            al.clip_high,
+            al.dual_clip,
+            w,
+            seq_ids,  # each token's sample: GSPO's per-sequence mean
+        )
+        kl = None
+        if al.kl.mode == "loss":
+            kl = kl_penalty(logp, x["ref"], al.kl.estimator) * mm
+            tok = tok + kl_coef * kl
+        elif x["ref"] is not None:
+            kl = kl_penalty(logp.detach(), x["ref"], al.kl.estimator) * mm
+        if al.entropy_coef:
+            tok = tok - al.entropy_coef * ent * mm
+        return tok, {"old": old, "w": w, "mm": mm, "clipped": clipped, "kl": kl}
+
+    def _policy_loss(
+        self, mb: MicroBatch, x: dict[str, torch.Tensor | None], wts: torch.Tensor, kl_coef: float
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor | None]]:
+        """(loss, entropy [b, l], metric parts) of the policy on micro-batch `mb` with token
+        weights `wts`; the fused head loss (`trainer.fused_loss`) where it applies."""
+        if not self.fused_loss:
+            logp, ent = self._logp(self.policy, mb, x["resp"])
+            tok, parts = self._token_loss(logp, ent, x, kl_coef, mb.src_b)
+            return (tok * wts).sum(), ent, parts
+
+        def token_loss(idx: torch.Tensor, lp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+            xs = {k: None if v is None else v.reshape(-1)[idx] for k, v in x.items()}
+            tok, _ = self._token_loss(lp, ent, xs, kl_coef)
+            return (tok * wts.reshape(-1)[idx]).sum()
+
+        logp, ent, loss = self._logp(self.policy, mb, x["resp"], token_loss)
+        with torch.no_grad():  # the metrics' parts, from the same logprobs
+            _, parts = self._token_loss(logp, ent, x, kl_coef)
+        return loss, ent, parts
 
     def _values(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
         assert self.critic is not None
@@ -279,33 +343,8 @@ class TrainerWorker:
             mbs = self._micro_batches(batch, rows)
             for i, (mb, active) in enumerate(mbs):
                 x = {k: None if v is None else self._to(mb.gather(v)) for k, v in fields.items()}
-                logp, ent = self._logp(self.policy, mb, x["resp"])
-                mm = x["resp"]
-                old = logp.detach() if x["old"] is None else x["old"]
-                w, mm = off_policy_weights(
-                    old, x["behav"], mm, al.off_policy.mode, al.off_policy.cap
-                )
-                tok, clipped = policy_loss(
-                    logp,
-                    old,
-                    x["adv"],
-                    mm,
-                    al.policy_loss,
-                    al.clip_low,
-                    al.clip_high,
-                    al.dual_clip,
-                    w,
-                    mb.src_b,  # each token's sample: GSPO's per-sequence mean
-                )
-                kl = None
-                if al.kl.mode == "loss":
-                    kl = kl_penalty(logp, x["ref"], al.kl.estimator) * mm
-                    tok = tok + kl_coef * kl
-                elif x["ref"] is not None:
-                    kl = kl_penalty(logp.detach(), x["ref"], al.kl.estimator) * mm
-                if al.entropy_coef:
-                    tok = tok - al.entropy_coef * ent * mm
-                loss = (tok * self._to(mb.gather(weights))).sum()
+                loss, ent, parts = self._policy_loss(mb, x, self._to(mb.gather(weights)), kl_coef)
+                old, w, mm, clipped, kl = (parts[k] for k in ("old", "w", "mm", "clipped", "kl"))
                 if not active:
                     loss = loss * 0.0
                 if not policy_frozen:
