@@ -3,36 +3,31 @@ against the float64 reference: the loss of `logprob_entropy_ref`'s outputs, by a
 
 The torch rows run here at odd sizes in several token chunks; the Triton rows (the hybrid
 path's kernels) run in a child process under TRITON_INTERPRET=1 (this file is its script),
-with launches counted. Tolerances: as tests/unit/test_kernels_logprob.py (fp32 accumulation
-everywhere: 2e-5 of scale; bf16 gradients, returned in bf16 and, with Triton rows, built from
+with launches counted. Tolerances: the logprob kernels' (`rlsys.kernels.testing`: fp32 accumulation
+everywhere, 2e-5 of scale; bf16 gradients, returned in bf16 and, with Triton rows, built from
 a bf16 dz: 2e-2).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from rlsys.kernels.head_loss import fused_head_loss
 from rlsys.kernels.reference import logprob_entropy_ref
-from rlsys.kernels.testing import assert_close, run_child
+from rlsys.kernels.testing import (
+    LOGPROB_TOL_GRAD,
+    LOGPROB_TOL_OUT,
+    LogprobCase,
+    assert_close,
+    run_child,
+)
 
-TOL_OUT = 2e-5
-TOL_GRAD = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    t: int
-    h: int
-    v: int
-    dtype: torch.dtype = torch.float32
-    tau: float = 1.0
-    rows: int = 16  # tokens per chunk (chunk_bytes = rows x V x 4)
+TOL_OUT = LOGPROB_TOL_OUT[torch.float32]  # fp32 outputs whatever the inputs
+TOL_GRAD = LOGPROB_TOL_GRAD
+Case = LogprobCase  # rows: tokens per chunk (chunk_bytes = rows x V x 4)
 
 
 CASES = [

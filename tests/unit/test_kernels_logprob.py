@@ -12,7 +12,6 @@ vocabulary columns (multiples of 32), with 64-wide row blocks (partial on every 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,27 +19,16 @@ import torch
 from rlsys.kernels import fused_logprob_entropy
 from rlsys.kernels.logprob import chunked_logprob_entropy, operand_dtype
 from rlsys.kernels.reference import logprob_entropy_ref
-from rlsys.kernels.testing import assert_close, run_child
+from rlsys.kernels.testing import (
+    LOGPROB_TOL_GRAD,
+    LOGPROB_TOL_OUT,
+    LogprobCase,
+    assert_close,
+    run_child,
+)
 
-# Tolerances, relative to the largest |expected| entry (see testing.assert_close), against a
-# float64 reference on the same (bf16-rounded) inputs:
-# - outputs: fp32 accumulation over H and V whatever the input dtype; measured max error
-#   3e-7 relative at H=40 and 6e-7 at H=576, V=49152 -> 2e-5.
-# - fp32 gradients: same fp32 accumulation; measured 9e-7 (H=40), 3e-6 (full size) -> 2e-5.
-# - bf16 gradients: returned in bf16 (unit roundoff 2^-9 = 2e-3) and, in Triton, dz is cast
-#   to bf16 before the gradient dots; measured 3e-3 (chunked), 5e-3 (Triton) -> 2e-2.
-TOL_OUT = {torch.float32: 2e-5, torch.bfloat16: 2e-5}
-TOL_GRAD = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    t: int
-    h: int
-    v: int
-    dtype: torch.dtype = torch.float32
-    tau: float = 1.0
+TOL_OUT, TOL_GRAD = LOGPROB_TOL_OUT, LOGPROB_TOL_GRAD  # derivation in rlsys.kernels.testing
+Case = LogprobCase
 
 
 # Odd sizes: none of T, H, V is a multiple of the 16 x 64 x 16 test blocks.
