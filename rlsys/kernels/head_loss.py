@@ -72,8 +72,8 @@ def fused_head_loss(
     CUDA: "hybrid"; torch rows on CPU), "hybrid" (Triton row kernels: CUDA or
     TRITON_INTERPRET=1) or "torch". `grad_into` (a float32 leaf weight): the backward adds
     dL/dweight into `weight.grad` instead of returning it (`rlsys.kernels.grad_into`).
-    `chunk_bytes`: the fp32 logits tile (rows x V x 4 bytes; default 1 GiB on CUDA, 32 MiB
-    elsewhere)."""
+    `chunk_bytes`: the fp32 logits tile (rows x V x 4 bytes; default 1 GiB on CUDA,
+    CPU_CHUNK_BYTES elsewhere)."""
     from rlsys.kernels.logprob_hybrid import CHUNK_BYTES, chunk_rows
 
     _check(hidden, weight, targets, temperature)
@@ -116,16 +116,16 @@ class _HeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_lp, _g_ent):
-        dh, dw = ctx.grads
+        dh, dw = ctx.grads  # used once: scaled in place
         ctx.grads = None
         if dh is not None:
-            dh = (dh * g_loss).to(ctx.dtypes[0])
+            dh = dh.mul_(g_loss).to(ctx.dtypes[0])
         if dw is not None:
             if ctx.grad_into is not None:
-                grad_buffer(ctx.grad_into).add_(dw * g_loss)
+                grad_buffer(ctx.grad_into).add_(dw.mul_(g_loss))
                 dw = None
             else:
-                dw = (dw * g_loss).to(ctx.dtypes[1])
+                dw = dw.mul_(g_loss).to(ctx.dtypes[1])
         return dh, dw, None, None, None, None, None, None, None
 
 
@@ -142,7 +142,7 @@ def _forward(h, w, y, temperature, token_loss, rows, triton_rows, lowp, need):
             h, w = h.to(lowp), w.to(lowp)
         elif h.dtype != w.dtype:
             h, w = h.to(dt), w.to(dt)
-        dz_dtype = h.dtype if h.dtype != torch.float32 else torch.float32
+        dz_dtype = h.dtype
     else:  # CPU: fp32 operands; `_gemm_precision` rounds them inside oneDNN's bf16 mode
         h, w = h.to(dt), w.to(dt)
         dz_dtype = dt
