@@ -40,6 +40,7 @@ import triton.language as tl
 
 from rlsys.kernels.backend import check_launchable
 from rlsys.kernels.grad_into import grad_buffer
+from rlsys.kernels.logprob import _spans
 
 CHUNK_BYTES = 1 << 30  # fp32 logits tile: 1024 rows at V=151936, 4096 at V=49152 (capped at T)
 COL_ALIGN = 128  # the backward's vocabulary chunks are multiples of this (32768 at T=8192)
@@ -175,10 +176,6 @@ def hybrid_logprob_entropy(
     return _HybridLogprobEntropy.apply(hidden, weight, targets, temperature, chunks, grad_into)
 
 
-def _chunks(length: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + size, length)) for i in range(0, length, size)]
-
-
 class _HybridLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunks, grad_into):
@@ -189,7 +186,7 @@ class _HybridLogprobEntropy(torch.autograd.Function):
             torch.empty(t_len, dtype=torch.float32, device=h.device) for _ in range(4)
         )
         z_buf = torch.empty(min(rows, t_len) * v_len, dtype=torch.float32, device=h.device)
-        for t0, t1 in _chunks(t_len, rows):
+        for t0, t1 in _spans(t_len, rows):
             z = _mm_f32(h[t0:t1], w.T, out=z_buf[: (t1 - t0) * v_len].view(t1 - t0, v_len))
             _row_stats_kernel[(t1 - t0,)](
                 z, y, lp, ent, lse, ez, v_len, z.stride(0), t0, 1.0 / temperature,
@@ -218,7 +215,7 @@ class _HybridLogprobEntropy(torch.autograd.Function):
         dz_buf = (
             z_buf if h.dtype == torch.float32 else torch.empty(size, dtype=h.dtype, device=h.device)
         )
-        for v0, v1 in _chunks(v_len, ctx.cols):
+        for v0, v1 in _spans(v_len, ctx.cols):
             n = v1 - v0
             z = _mm_f32(h, w[v0:v1].T, out=z_buf[: t_len * n].view(t_len, n))
             dz = dz_buf[: t_len * n].view(t_len, n)
