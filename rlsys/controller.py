@@ -2,17 +2,23 @@
 
 ```
    prompts ──► RolloutWorker ×R ──groups──► StreamingBuffer ──batch──► TrainerGroup (×N ranks)
-                    ▲   (generate, reward)       (FIFO of groups)      (GRPO update, v+1)
-                    └──────────────── weights, version v+1 (object store) ◄───┘
+                    ▲   (generate, reward)       (FIFO of groups)    (advantages, loss, v+1)
+                    └──── weights v+1 (`weight_sync.py`: /dev/shm or bucketed broadcast) ◄──┘
 ```
 
-On-policy loop (`max_staleness` 0, the only mode until the async issue lands), per step:
+Per step (`rollout.mode: sync`, on-policy):
 
-1. `generate`: each rollout worker gets its share of `prompts_per_step` prompts and returns
-   scored groups. Waits for: the slowest worker. Trainer is idle meanwhile.
-2. `put` the groups into the buffer, `get_batch(prompts_per_step)` them back out.
-3. `train_step`: advantages, loss, optimizer step. Rollout is idle meanwhile.
-4. `push_weights`: every rollout worker loads version v+1 before the next step starts.
+1. Collect a batch of scored groups through the buffer: each rollout worker gets its share of
+   `prompts_per_step` prompts (`_collect_groups`), or, with `rollout.partial.enabled`,
+   `over_provision` x more, recycled ones first, and the unfinished rest goes back to the
+   buffer's recycle queue (`_collect_partial`, APRIL). The trainer is idle meanwhile.
+2. `train_step`: old/reference logprobs, values, advantages, `trainer.mini_batches` updates.
+   The rollout workers are idle meanwhile.
+3. Push version v+1 to every rollout worker before the next step (`WeightSync.push`).
+
+With `rollout.mode: async` an `AsyncScheduler` (`rollout/scheduler.py`) keeps the workers
+generating while the trainer updates; admission bounds each sample to at most
+`rollout.max_staleness` versions behind the policy that trains on it.
 
 Checkpoints (`trainer/checkpoint.py`): after every `checkpoint.every`-th step, the last step
 and on Ctrl-C, the trainer's and the driver's state (prompt position, group counter, buffer,

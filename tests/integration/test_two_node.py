@@ -80,6 +80,10 @@ def test_two_node_run(tmp_path: Path, two_nodes: Cluster) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["sync/version"] == r["step"] for r in rows)  # pushed across the nodes
     assert all(r["sync/gb_per_s"] > 0 for r in rows)
+    # fp32 on both sides: the engines on the second node sample with the weights the trainer
+    # pushed (a push that bumped the version but delivered nothing would differ by ~0.1-1
+    # at steps 2-3; lr 1e-3 moves the tiny model's logprobs by that much)
+    assert all(r["train/rollout_logprob_diff"] < 1e-5 for r in rows), rows
     assert (tmp_path / "run" / "final" / "config.json").exists()
 
 

@@ -532,3 +532,27 @@ def test_hf_generator_adapter(tiny_hf, tiny_tokenizer):
     assert (outs[0].token_ids, outs[0].finish_reason) == ([nl], "stop")
     assert (outs[1].token_ids, outs[1].finish_reason) == ([nl] * 3, "length")
     assert len(outs[1].logprobs) == 3 and fn([]) == []
+
+
+def test_hf_generator_logprobs_are_the_trainers(tiny_hf) -> None:
+    """`HFGenerator`'s logprobs are log_softmax(raw logits / temperature) of the sampled
+    tokens, position by position, for left-padded prompts of different lengths: equal to a
+    float64 recomputation on each unpadded prompt + response (fp32 model: 1e-4, the
+    padded batch's different summation order)."""
+    from rlsys.rollout.hf import HFGenerator
+
+    temp = 0.7
+    gen = HFGenerator(tiny_hf, eos_ids=[], pad_id=0)
+    prompts = [[5, 17, 230, 41, 9, 77, 3], [12, 8, 99]]
+    groups = gen.generate(prompts, n=2, max_new_tokens=6, temperature=temp, top_p=1.0, seed=3)
+    assert [len(g) for g in groups] == [2, 2]
+    for prompt, group in zip(prompts, groups, strict=True):
+        for g in group:
+            assert len(g.tokens) == len(g.logprobs) == 6
+            ids = torch.tensor([prompt + g.tokens])
+            with torch.no_grad():
+                logits = tiny_hf(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
+            want = torch.log_softmax(logits / temp, -1).gather(-1, torch.tensor(g.tokens)[:, None])
+            got = torch.tensor(g.logprobs, dtype=torch.float64)
+            assert (got - want[:, 0]).abs().max().item() < 1e-4
+            assert got.std() > 0  # sampled at temperature 0.7: not all the same token

@@ -322,14 +322,18 @@ def trained(tiny_model_path, synthetic_groups, tmp_path_factory):
     over = ["model.path=tiny-llama", "trainer.lr=1e-3", "algorithm.kl.mode=loss"]
     cfg = load_recipe(None, over)
     w = TrainerWorker(to_dict(cfg), tiny_model_path)
+    initial = _params(w.model)
     for s in range(2):
         w.train_step(synthetic_groups(seed=s))
+    # the steps move the weights, so the round trip below compares trained states
+    assert (_params(w.model) - initial).abs().max().item() > 1e-4
     root = tmp_path_factory.mktemp("ckpt")
     fp = ck.fingerprint(cfg, tiny_model_path)
     state = _state(2)
     path = ck.save_checkpoint(root, 2, w.save_state, state, fingerprint=fp)
     at_save = _params(w.model)
     after = [w.train_step(synthetic_groups(seed=s)) for s in (2, 3)]
+    assert (_params(w.model) - at_save).abs().max().item() > 1e-4
     return path, at_save, after, _params(w.model), over
 
 

@@ -62,13 +62,20 @@ def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_triton_logprob_backend_on_a_cpu_trainer_exits_2() -> None:
-    r = _cli(
-        "train", "recipes/quickstart.yaml", "trainer.logprob_backend=hybrid", "trainer.device=cpu"
-    )
+@pytest.mark.parametrize("device", ["trainer.device=cpu", "trainer.device=auto"])
+def test_triton_logprob_backend_on_a_cpu_trainer_exits_2(device: str) -> None:
+    # auto: no GPU in cluster.trainer_resources (the default) resolves to the CPU
+    r = _cli("train", "recipes/quickstart.yaml", "trainer.logprob_backend=hybrid", device)
     assert r.returncode == 2, r.stderr
     assert "trainer.logprob_backend=hybrid runs Triton kernels on a GPU" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_triton_logprob_backend_with_a_trainer_gpu_validates() -> None:
+    from rlsys.config import load_recipe
+
+    over = ["trainer.logprob_backend=triton", "cluster.trainer_resources={CPU: 1, GPU: 1}"]
+    assert load_recipe(ROOT / "recipes/quickstart.yaml", over).trainer.logprob_backend == "triton"
 
 
 def test_missing_recipe_file() -> None:

@@ -138,7 +138,7 @@ def _interpreted_main(out: str) -> None:
     def no_fallback(*args, **kwargs):
         raise AssertionError("the SDPA fallback ran instead of Triton")
 
-    attention.packed_attention_ref = no_fallback
+    attention.grouped_attention = no_fallback  # the torch path (CPU, backend="torch")
     results = {
         case.name: forward_backward(
             make_inputs(case),

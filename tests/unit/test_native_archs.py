@@ -106,6 +106,10 @@ def test_weight_update_of_biases_and_norms(hf, tok, prompts, arch_path):
     after = engine.generate([GenerationRequest("a", prompts[1], greedy)])
     assert after[0].completions[0].logprobs != before[0].completions[0].logprobs
     assert torch.equal(engine.named_weights()[next(iter(small))], 3 * next(iter(small.values())))
+    # the partial update landed in every layer's right tensor: the engine is now the model
+    # with those tensors x3
+    new_hf.load_state_dict(new | {k: 3 * v for k, v in small.items()})
+    assert worst_logprob_gap(engine, new_hf, prompts) < 1e-4
 
 
 def test_bf16_packed_with_biases_matches_plain_bf16(hf, tok, prompts, monkeypatch):

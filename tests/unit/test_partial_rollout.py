@@ -103,3 +103,22 @@ def test_buffer_recycles_first_in_first_out() -> None:
     b2.restore(snap)
     assert [g.group_id for g in b2.take_recycled(10)] == [2, 3, 4]
     assert b2.stats()["buffer/recycled"] == 5 and b2.stats()["buffer/recycle_depth"] == 0
+
+
+def test_stale_mask_drops_only_the_older_policys_tokens() -> None:
+    """`rollout.partial.stale: mask`: a recycled sample's tokens from versions before the
+    training policy's get loss mask 0; its current-version tokens stay trainable, env tokens
+    stay masked, and tokens, logprobs and versions are untouched."""
+    from rlsys.controller import _mask_stale
+
+    s = Sample(group_id=0, index=0, prompt_ids=[1, 2])
+    s.append([5, 6], [-0.1, -0.2], version=1, trainable=True)  # before the abort
+    s.append([7], None, version=1, trainable=False)  # a tool's output
+    s.append([8, 9], [-0.3, -0.4], version=2, trainable=True)  # continued after the push
+    fresh = Sample(group_id=0, index=1, prompt_ids=[1, 2])
+    fresh.append([4, 4, 4], [-0.5, -0.6, -0.7], version=2, trainable=True)
+    before = (list(s.response_ids), list(s.logprobs), list(s.versions))
+    _mask_stale([SampleGroup(0, [s, fresh])], version=2)
+    assert s.loss_mask == [0, 0, 0, 1, 1]
+    assert fresh.loss_mask == [1, 1, 1]
+    assert (s.response_ids, s.logprobs, s.versions) == before

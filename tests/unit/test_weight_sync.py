@@ -91,6 +91,7 @@ def test_shared_weights_cast_into_shm_and_read_back() -> None:
             writer.write([[(n, bad[n]) for n, _ in b] for b in plan])
         huge = {k: torch.full_like(v, 3e38) for k, v in weights.items()}  # the sum overflows
         writer.write([[(n, huge[n]) for n, _ in b] for b in plan])  # but every value is finite
+        assert all(torch.equal(got[k], v.to(torch.bfloat16)) for k, v in huge.items())
     finally:
         os.unlink(path)
 
