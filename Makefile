@@ -54,8 +54,9 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # Wheels the GPU machine (no network there; its image has torch, triton, transformers, but
-# not these) needs for benchmarks/gpu_session.sh: carry .cache/wheels with the device tool's
-# run. Its python is 3.12; DeepSpeed publishes no wheel, so one is built here (no ops).
+# not these) needs for benchmarks/gpu_session.sh, and the tiny test model its trainer tests
+# load: carry .cache/wheels and .cache/rlsys/models/tiny-llama with the device tool's run.
+# Its python is 3.12; DeepSpeed publishes no wheel, so one is built here (no ops).
 GPU_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64
 gpu-wheels: install
@@ -64,6 +65,7 @@ gpu-wheels: install
 		annotated-types==0.8.0 typing-inspection==0.4.5
 	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .cache/wheels \
 		deepspeed==0.19.8
+	$(BIN)/python -m rlsys.models prepare tiny-llama
 
 clean:
 	rm -rf $(VENV) .cache runs

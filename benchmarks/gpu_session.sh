@@ -2,7 +2,8 @@
 # Every GPU check of the issue "Fused kernels" in one call of the device tool, so that a
 # session that is lent a GPU (15 minutes of device time in all) spends it measuring:
 #
-#   make gpu-wheels        # here: Liger-Kernel, DeepSpeed, OmegaConf (+ deps) into .cache/wheels
+#   make gpu-wheels        # here: Liger-Kernel, DeepSpeed, OmegaConf (+ deps) into .cache/wheels,
+#                          # and the tiny test model into .cache/rlsys/models/tiny-llama
 #   run  command="bash benchmarks/gpu_session.sh"
 #        carry=[".cache/wheels", ".cache/rlsys/models/tiny-llama"]  timeout_s=570
 #

@@ -31,6 +31,7 @@ def test_partial_rollouts_recycle_across_steps(tmp_path: Path) -> None:
             "rollout.partial.stale=mask",
             "rollout.max_batch=3",  # queued samples: a round ends with some not yet started
             "trainer.lr=1e-3",
+            f"reward.fn={ROOT}/tests/assets/rewards.py:length_reward",  # dense: updates
             "logging.wandb.mode=disabled",
             f"logging.run_dir={tmp_path}/run",
         ],
@@ -45,4 +46,5 @@ def test_partial_rollouts_recycle_across_steps(tmp_path: Path) -> None:
     assert all(r["rollout/staleness_max"] <= r["step"] for r in rows)
     # every step trains a full batch of complete groups; groups started stay bounded
     assert all(r["train/version"] == r["step"] for r in rows)
+    assert all(r["train/grad_norm"] > 0 for r in rows)  # the recycled tokens' policy moved
     assert all(r["buffer/recycle_depth"] <= 8 for r in rows)
