@@ -40,8 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("recipe", help="path to a recipe .yaml (task, reward, eval settings)")
     e.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    e.add_argument("--checkpoint", required=True, help="Hugging Face folder (e.g. runs/x/final)")
-    e.add_argument("--out", help="JSON output path (default: CHECKPOINT/eval.json)")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="Hugging Face folder (runs/x/final), a run folder (its final/) or a training "
+        "checkpoint (runs/x/checkpoints/step-N: its policy)",
+    )
+    e.add_argument("--out", help="JSON output path (default: the model folder's eval.json)")
     x = sub.add_parser(
         "export",
         help="write a training checkpoint's policy as a Hugging Face folder",
@@ -62,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     bad = [x for x in extra if x.startswith("-")]
     if bad or (extra and args.command not in ("train", "eval")):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        hint = ""
+        if bad and all("=" in x for x in bad):  # `--steps=5`: an override with dashes
+            hint = f" (recipe overrides take no dashes: {' '.join(x.lstrip('-') for x in bad)})"
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}{hint}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     if args.command is None:

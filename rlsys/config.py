@@ -722,7 +722,13 @@ def validate(cfg: RecipeConfig) -> None:
         _choice("data.task", cfg.data.task, tuple(TASKS))
     for key in ("path", "eval_path"):
         v = getattr(cfg.data, key)
-        if v is not None and cfg.data.task is None and not Path(v).is_file():
+        if v is not None and cfg.data.task is not None:
+            raise ConfigError(
+                f"data.{key} is read only with data.task=null (the built-in task "
+                f"'{cfg.data.task}' makes its own prompts): set data.task=null to use {v}, or "
+                f"drop data.{key}"
+            )
+        if v is not None and not Path(v).is_file():
             raise ConfigError(f"data.{key}: file not found: {v}")
         if v is not None and Path(v).suffix not in (".jsonl", ".json", ".parquet"):
-            raise ConfigError(f"data.{key}: expected a .jsonl or .parquet file, got {v}")
+            raise ConfigError(f"data.{key}: expected a .jsonl, .json or .parquet file, got {v}")

@@ -57,16 +57,82 @@ if TYPE_CHECKING:
     from rlsys.trainer.checkpoint import Resume
 
 
-def make_run_dir(cfg: RecipeConfig, recipe_path: str | None, resumed: Resume | None = None) -> Path:
+def run_dir_for(cfg: RecipeConfig, recipe_path: str | None, resumed: Resume | None) -> Path:
+    """`logging.run_dir`; else the resumed checkpoint's run folder; else a new
+    `runs/<recipe file stem>-<timestamp>`."""
     if cfg.logging.run_dir:
-        d = Path(cfg.logging.run_dir)
-    elif resumed is not None:  # continue the checkpoint's run folder
-        d = Path(resumed.state["run_dir"])
-    else:
-        stem = Path(recipe_path).stem if recipe_path else cfg.name
-        d = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    d.mkdir(parents=True, exist_ok=True)
+        return Path(cfg.logging.run_dir)
+    if resumed is not None:  # continue the checkpoint's run folder
+        return Path(resumed.state["run_dir"])
+    stem = Path(recipe_path).stem if recipe_path else cfg.name
+    d = Path("runs") / f"{stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    n = 2
+    while d.exists():  # two runs started within one second
+        d, n = d.with_name(f"{stem}-{datetime.now():%Y%m%d-%H%M%S}-{n}"), n + 1
     return d
+
+
+def check_run_dir(cfg: RecipeConfig, d: Path) -> None:
+    """ConfigError when the run folder `d` cannot be used: a file is there, or it already
+    holds a run and this one is fresh (`resume` empty): that would replace its metrics and
+    checkpoints."""
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"logging.run_dir: {d} is a file; pick a folder")
+    if not cfg.resume and (d / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"logging.run_dir: {d} already holds a run; continue it with resume=auto, or "
+            "pick a new logging.run_dir"
+        )
+
+
+def make_run_dir(d: Path) -> Path:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the run folder {d} ({e.strerror}): set logging.run_dir"
+        ) from None
+    return d
+
+
+def _already_done(cfg: RecipeConfig, recipe_path: str | None, resumed: Resume | None) -> str | None:
+    """The message for a resume whose checkpoint is at (or past) the recipe's last step and
+    whose final policy exists: nothing to train. None otherwise (a checkpoint at the last
+    step without `final/` is a run cut off before its export: resuming writes it)."""
+    if resumed is None or resumed.step < cfg.steps:
+        return None
+    final = run_dir_for(cfg, recipe_path, resumed) / "final"
+    if not (final / "config.json").is_file():
+        return None
+    return (
+        f"nothing to train: {resumed.path} is at step {resumed.step} and the recipe has "
+        f"steps={cfg.steps}; the final policy is in {final}. Raise steps (e.g. "
+        f"steps={resumed.step + cfg.steps}) to train further."
+    )
+
+
+def _connect_check(address: str) -> None:
+    """Fail fast (ConfigError) when `cluster.address` names a host:port nobody listens on:
+    `ray.init` would retry for minutes."""
+    import socket
+
+    if address == "auto" or address.startswith("local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not port.isdigit() or "/" in hostport:
+        raise ConfigError(
+            f"cluster.address: '{address}' is not host:port (e.g. 10.0.0.1:6379, what "
+            "`ray start --head` prints; or ray://host:10001, or auto)"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(
+            f"cluster.address: nothing answers at {hostport} ({e.strerror or e}); start the "
+            "head with `ray start --head` there, or fix the address"
+        ) from None
 
 
 def _init_ray(cfg: RecipeConfig) -> bool:
@@ -83,7 +149,11 @@ def _init_ray(cfg: RecipeConfig) -> bool:
         include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env}
     )
     if address:
-        ray.init(address=address, **kwargs)
+        _connect_check(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ValueError, ConnectionError) as e:
+            raise ConfigError(f"cluster.address={address}: {e}") from None
     else:
         # Logical CPUs: one per actor at least (threads are set per actor, not by Ray).
         cl = cfg.cluster
@@ -96,6 +166,32 @@ def _init_ray(cfg: RecipeConfig) -> bool:
     return True
 
 
+def cluster_shortfall(cfg: RecipeConfig) -> str | None:
+    """What the Ray cluster lacks, in total, of the resources the rollout workers and trainer
+    ranks ask for (`cluster.*_resources`), as a message; None when it has enough. Their
+    placement groups would wait for it forever."""
+    import ray
+
+    cl, have = cfg.cluster, ray.cluster_resources()
+    need: dict[str, float] = {}
+    for n, res in (
+        (cfg.rollout.workers, cl.rollout_resources),
+        (cfg.trainer.ranks, cl.trainer_resources),
+    ):
+        for k, v in res.items():
+            need[k] = need.get(k, 0.0) + n * v
+    short = {k: v for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return None
+    ask = ", ".join(f"{k} {v:g} (has {have.get(k, 0.0):g})" for k, v in sorted(short.items()))
+    return (
+        f"the Ray cluster cannot place the actors: they need {ask} in all "
+        f"(rollout.workers={cfg.rollout.workers} x cluster.rollout_resources + "
+        f"trainer.ranks={cfg.trainer.ranks} x cluster.trainer_resources); lower them, raise "
+        "cluster.num_cpus, or add nodes"
+    )
+
+
 def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     """Run a recipe to completion; returns a summary (run dir, checkpoint, rewards)."""
     import ray
@@ -105,11 +201,13 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     from rlsys.data import PromptStream, load_splits
     from rlsys.logging import RunLogger
     from rlsys.reward.config import resolve_paths, validate_reward_config
+    from rlsys.rollout.agent import check_agent
     from rlsys.trainer import checkpoint
 
     # Everything that can fail on user input fails here, before any actor starts.
     validate_reward_config(cfg.reward, cfg.data.task)
     cfg.reward = resolve_paths(cfg.reward)  # actors may run in another working directory
+    check_agent(cfg.rollout.agent)
     model_path = models.resolve(cfg.model.path)
     if cfg.rollout.engine == "native":
         from rlsys.rollout.native import check_supported
@@ -123,23 +221,35 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
     stream = PromptStream(train_prompts, cfg.seed)
     fp = checkpoint.fingerprint(cfg, model_path)
     resumed = checkpoint.prepare_resume(cfg, recipe_path, fp)  # validated, or CheckpointError
+    done = _already_done(cfg, recipe_path, resumed)
+    if done is not None:
+        print(done)
+        final = run_dir_for(cfg, recipe_path, resumed) / "final"
+        return {"run_dir": str(final.parent), "checkpoint": str(final), "rewards": []}
 
-    run_dir = make_run_dir(cfg, recipe_path, resumed)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    logger = RunLogger(
-        run_dir,
-        cfg.steps,
-        to_dict(cfg),
-        cfg.logging.wandb,
-        resume_step=resumed.step if resumed else None,
-        wandb_id=resumed.state.get("wandb_id") if resumed else None,
-    )
-    logger.info(f"run dir: {run_dir}  model: {model_path}")
-    if cfg.resume == "auto" and resumed is None:
-        logger.info("resume=auto: no checkpoint found, starting a fresh run")
+    run_dir = run_dir_for(cfg, recipe_path, resumed)
+    check_run_dir(cfg, run_dir)
 
     started = _init_ray(cfg)
     try:
+        short = cluster_shortfall(cfg)
+        if short and started:  # a local cluster this run started: its size is fixed
+            raise ConfigError(short)
+        make_run_dir(run_dir)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        logger = RunLogger(
+            run_dir,
+            cfg.steps,
+            to_dict(cfg),
+            cfg.logging.wandb,
+            resume_step=resumed.step if resumed else None,
+            wandb_id=resumed.state.get("wandb_id") if resumed else None,
+        )
+        logger.info(f"run dir: {run_dir}  model: {model_path}")
+        if cfg.resume == "auto" and resumed is None:
+            logger.info("resume=auto: no checkpoint found, starting a fresh run")
+        if short:  # a joined cluster may still grow (autoscaler, `ray start` elsewhere)
+            logger.info(f"[yellow]waiting for nodes: {short}")
         return _run(cfg, model_path, run_dir, logger, stream, eval_prompts, fp, resumed)
     finally:
         if started:

@@ -28,11 +28,21 @@ def read_records(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json (list) / .parquet file as dicts."""
     p = Path(path)
     if p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
+        try:
+            return pq.read_table(p).to_pylist()
+        except pa.ArrowException as e:
+            raise ConfigError(f"{p}: not a readable Parquet file ({e})") from None
     if p.suffix == ".json":
-        rows = json.loads(p.read_text())
+        try:
+            rows = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(
+                f"{p}:{e.lineno}: not valid JSON ({e.msg}); a .json data file holds one list "
+                "of records (one record per line: name it .jsonl)"
+            ) from None
         if not isinstance(rows, list):
             raise ConfigError(f"{p}: a .json data file must hold a list of records")
         return rows

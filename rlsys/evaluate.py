@@ -13,6 +13,21 @@ from typing import Any
 from rlsys.config import ConfigError, RecipeConfig, to_dict
 
 
+def hf_folder(checkpoint: str) -> Path:
+    """The Hugging Face folder to evaluate: `checkpoint` itself, a training checkpoint's
+    policy (`step-N/trainer/hf`) or a run folder's `final/`; ConfigError when none is."""
+    from rlsys.trainer.checkpoint import HF, TRAINER
+
+    ckpt = Path(checkpoint)
+    for cand in (ckpt, ckpt / TRAINER / HF, ckpt / "final"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise ConfigError(
+        f"--checkpoint {ckpt}: not a Hugging Face model folder (no config.json); pass a run's "
+        "final/ folder, a checkpoints/step-N folder or a folder `rlsys export` wrote"
+    )
+
+
 def evaluate_checkpoint(
     cfg: RecipeConfig, checkpoint: str, out: str | None = None
 ) -> dict[str, Any]:
@@ -22,13 +37,18 @@ def evaluate_checkpoint(
 
     from rlsys.data import load_splits
     from rlsys.reward.config import resolve_paths, validate_reward_config
+    from rlsys.rollout.agent import check_agent
     from rlsys.rollout.worker import RolloutWorker
 
-    ckpt = Path(checkpoint)
-    if not (ckpt / "config.json").is_file():
-        raise ConfigError(f"--checkpoint {ckpt}: not a Hugging Face model folder (no config.json)")
+    ckpt = hf_folder(checkpoint)
+    path = Path(out) if out else ckpt / "eval.json"
+    try:  # before the evaluation, so that its results cannot be lost to a bad --out
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot create its folder ({e.strerror})") from None
     validate_reward_config(cfg.reward, cfg.data.task)
     cfg.reward = resolve_paths(cfg.reward)
+    check_agent(cfg.rollout.agent)
     if cfg.rollout.engine == "native":
         from rlsys.rollout.native import check_supported
 
@@ -48,7 +68,6 @@ def evaluate_checkpoint(
         if isinstance(v, float):
             table.add_row(k, f"{v:.4f}" if "prompts" not in k else f"{v:.0f}")
     Console().print(table)
-    path = Path(out) if out else ckpt / "eval.json"
     path.write_text(json.dumps(res, indent=2) + "\n")
     Console().print(f"wrote {path}")
     return res

@@ -114,39 +114,40 @@ def _origin(obj: Any) -> str:
 # resolving names
 
 
-def load_callable(spec: str) -> Callable[..., Any]:
+def load_callable(spec: str, what: str = "reward") -> Callable[..., Any]:
     """Resolve `pkg.module:name` or `path/to/file.py:name` to the object it names.
 
-    Raises `ConfigError` naming the missing module, file or attribute."""
+    Raises `ConfigError` naming the missing module, file or attribute (and `what` the spec
+    is: "reward", "rollout.agent.env", ...)."""
     if ":" not in spec:
-        raise ConfigError(f"reward '{spec}': expected 'pkg.module:fn' or 'path/to/file.py:fn'")
+        raise ConfigError(f"{what} '{spec}': expected 'pkg.module:fn' or 'path/to/file.py:fn'")
     mod_part, _, attr = spec.rpartition(":")
     if mod_part.endswith(".py"):
-        module = _load_file(spec, Path(mod_part))
+        module = _load_file(spec, Path(mod_part), what)
     else:
         try:
             module = importlib.import_module(mod_part)
         except ModuleNotFoundError as e:
             if e.name and (mod_part == e.name or mod_part.startswith(e.name + ".")):
-                raise ConfigError(f"reward '{spec}': no module named '{mod_part}'") from None
-            raise ConfigError(f"reward '{spec}': importing '{mod_part}' failed: {e}") from None
+                raise ConfigError(f"{what} '{spec}': no module named '{mod_part}'") from None
+            raise ConfigError(f"{what} '{spec}': importing '{mod_part}' failed: {e}") from None
         except Exception as e:  # a user module that fails on import
             raise ConfigError(
-                f"reward '{spec}': importing '{mod_part}' failed: {type(e).__name__}: {e}"
+                f"{what} '{spec}': importing '{mod_part}' failed: {type(e).__name__}: {e}"
             ) from None
     obj: Any = module
     for part in attr.split("."):  # `Class.method` and nested names
         if not hasattr(obj, part):
             close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")])
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"reward '{spec}': '{mod_part}' has no attribute '{attr}'.{hint}")
+            raise ConfigError(f"{what} '{spec}': '{mod_part}' has no attribute '{attr}'.{hint}")
         obj = getattr(obj, part)
     return obj
 
 
-def _load_file(spec: str, path: Path) -> Any:
+def _load_file(spec: str, path: Path, what: str = "reward") -> Any:
     if not path.is_file():
-        raise ConfigError(f"reward '{spec}': file not found: {path}")
+        raise ConfigError(f"{what} '{spec}': file not found: {path}")
     resolved = str(path.resolve())
     # A stable name (not hash(), which is salted per process) so that every process that loads
     # the file gets the same module name in tracebacks.
@@ -163,7 +164,7 @@ def _load_file(spec: str, path: Path) -> Any:
     except Exception as e:
         del sys.modules[name]
         raise ConfigError(
-            f"reward '{spec}': loading {path} failed: {type(e).__name__}: {e}"
+            f"{what} '{spec}': loading {path} failed: {type(e).__name__}: {e}"
         ) from None
     return module
 
@@ -240,6 +241,37 @@ def _is_batched(obj: Any) -> bool:
         return names[1:2] == ["samples"]  # skip self
     names, _ = _params(obj)
     return names[:1] == ["samples"]
+
+
+def check_call_form(spec: str, obj: Any) -> None:
+    """ConfigError when `obj` (a reward function or class) cannot be called the way its form
+    is (module docstring): `(prompt, response, **meta)` per sample, `(samples)` batched."""
+    batched = _is_batched(obj)
+    target = obj
+    if inspect.isclass(obj):
+        target = next(
+            (k.__dict__["__call__"] for k in obj.__mro__ if "__call__" in k.__dict__), None
+        )
+        if target is None:
+            raise ConfigError(f"reward '{spec}': class {obj.__name__} has no __call__ method")
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature
+        return
+    if inspect.isclass(obj) and params:
+        params = params[1:]  # self
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p.name for p in params if p.kind in kinds]
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    need = ["samples"] if batched else ["prompt", "response"]
+    if len(positional) < len(need):
+        form = "(samples, **kwargs)" if batched else "(prompt, response, **meta)"
+        raise ConfigError(
+            f"reward '{spec}' takes ({', '.join(positional)}), but a "
+            f"{'batched' if batched else 'per-sample'} reward is called as {form}; see "
+            "the reward contract in the README (Rewards)"
+        )
 
 
 def check_kwargs(spec: str, obj: Any, kwargs: dict[str, Any]) -> None:

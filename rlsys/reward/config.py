@@ -119,7 +119,7 @@ def validate_reward_config(cfg: RewardConfig, task: str | None) -> None:
     """Check `cfg` and resolve (import) every reward it names, without calling `setup()` or
     starting anything. Raises `ConfigError` naming the key and the fix."""
     from rlsys.config import ConfigError
-    from rlsys.reward.api import check_kwargs, resolve_target
+    from rlsys.reward.api import check_call_form, check_kwargs, resolve_target
 
     _choice("reward.on_error", cfg.on_error, ON_ERROR)
     _choice("reward.pool", cfg.pool, POOLS)
@@ -153,6 +153,7 @@ def validate_reward_config(cfg: RewardConfig, task: str | None) -> None:
         if not callable(obj):
             raise ConfigError(f"{where}: reward '{p.fn}' is not callable")
         check_kwargs(p.fn, obj, p.kwargs)
+        check_call_form(p.fn, obj)
         if cfg.pool == "process" and getattr(obj, "thread_only", False):
             raise ConfigError(f"{where}: reward '{p.fn}' runs only with reward.pool: thread")
 

@@ -73,8 +73,30 @@ def make_env_factory(cfg: AgentConfig) -> Callable[[], Env]:
         return lambda: ToolEnv(tools, parser, cfg.max_tool_errors, **cfg.env_kwargs)
     from rlsys.reward.api import load_callable
 
-    cls = load_callable(cfg.env)
+    cls = load_callable(cfg.env, "rollout.agent.env")
     return lambda: cls(**cfg.env_kwargs)
+
+
+def check_agent(cfg: AgentConfig) -> None:
+    """Load every class `rollout.agent` names (env, tools, parser) in this process, so that a
+    bad spec is a ConfigError before any actor starts, not an actor that dies."""
+    from rlsys.config import ConfigError
+    from rlsys.reward.api import load_callable
+    from rlsys.rollout.tools import TOOLS
+    from rlsys.rollout.tools.parsers import PARSERS
+
+    if cfg.env is None:
+        return
+    specs = []
+    if cfg.env != "tools":
+        specs.append(("rollout.agent.env", cfg.env))
+    else:
+        specs += [("rollout.agent.tools", TOOLS.get(t, t)) for t in cfg.tools]
+        if cfg.parser not in PARSERS:
+            specs.append(("rollout.agent.parser", cfg.parser))
+    for what, spec in specs:
+        if not callable(load_callable(spec, what)):
+            raise ConfigError(f"{what} '{spec}' names an object that is not a class")
 
 
 # ---------------------------------------------------------------------------------------------

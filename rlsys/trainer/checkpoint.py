@@ -49,7 +49,7 @@ COMPLETE, MANIFEST, STATE, TRAINER, HF = (
     "hf",
 )
 _STEP = re.compile(r"^step-(\d+)$")
-_RUN = re.compile(r"-\d{8}-\d{6}$")  # `make_run_dir`'s timestamp suffix
+_RUN = re.compile(r"-\d{8}-\d{6}(-\d+)?$")  # `run_dir_for`'s timestamp (+ a same-second count)
 
 # Recipe keys a resumed run must share with its checkpoint: they decide what the saved tensors
 # are (model, dtype, ZeRO shard layout, critic) or what the saved prompt position points at.

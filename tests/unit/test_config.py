@@ -53,6 +53,11 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ),
         ("trainer.device=cuda", "trainer.device=cuda needs a GPU for each trainer rank"),
         ("rollout.device=cuda", "rollout.device=cuda needs a GPU for each rollout worker"),
+        ("data.path=x.jsonl", "data.path is read only with data.task=null"),
+        ("rollout.agent.env=foo", "rollout.agent.env: 'foo' is not `tools`"),
+        ("rollout.agent.env=nope.py:Env", "rollout.agent.env 'nope.py:Env': file not found"),
+        ("cluster.address=http://localhost", "'http://localhost' is not host:port"),
+        ("cluster.address=127.0.0.1:1", "nothing answers at 127.0.0.1:1"),
     ],
 )
 def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
@@ -164,3 +169,115 @@ def test_devices_follow_the_resources() -> None:
     assert rollout_device(load_recipe(None, [gpu])) == "cpu"  # the trainer's GPU only
     rgpu = "cluster.rollout_resources={CPU: 1, GPU: 0.5}"
     assert rollout_device(load_recipe(None, [rgpu])) == "cuda"
+
+
+def test_dashed_override_gets_a_hint() -> None:
+    r = _cli("train", "recipes/quickstart.yaml", "--steps=5")
+    assert r.returncode == 2 and "recipe overrides take no dashes: steps=5" in r.stderr
+
+
+def test_a_fresh_run_never_writes_into_an_existing_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    r = _cli("train", "recipes/quickstart.yaml", f"logging.run_dir={run}")
+    assert r.returncode == 2, r.stderr
+    assert f"logging.run_dir: {run} already holds a run; continue it with resume=auto" in r.stderr
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(x.name for x in run.iterdir()) == ["metrics.jsonl"]
+    r = _cli("train", "recipes/quickstart.yaml", f"logging.run_dir={run / 'metrics.jsonl'}")
+    assert r.returncode == 2 and "is a file; pick a folder" in r.stderr
+
+
+def test_a_cluster_too_small_for_the_actors_exits_2_not_hangs(tmp_path: Path) -> None:
+    """A local Ray cluster of 2 CPUs cannot place a 3-CPU trainer and a 1-CPU rollout worker:
+    their placement groups would wait forever. Nothing is written."""
+    r = _cli(
+        "train",
+        "recipes/quickstart.yaml",
+        "model.path=tiny-llama",
+        "cluster.num_cpus=2",
+        "cluster.trainer_resources={CPU: 3}",
+        f"logging.run_dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr
+    assert "the Ray cluster cannot place the actors: they need CPU 4 (has 2)" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_reward_that_cannot_take_the_call_exits_2(tmp_path: Path) -> None:
+    f = tmp_path / "rw.py"
+    f.write_text(
+        "def one_arg(response):\n    return 1.0\n\n"
+        "def per_sample(prompt, response, answer=None):\n    return 1.0\n\n"
+        "class NoCall:\n    pass\n"
+    )
+    r = _cli("train", "recipes/quickstart.yaml", f"reward.fn={f}:one_arg")
+    assert r.returncode == 2, r.stderr
+    assert "takes (response), but a per-sample reward is called as (prompt, response" in r.stderr
+    r = _cli("train", "recipes/quickstart.yaml", f"reward.fn={f}:NoCall")
+    assert r.returncode == 2 and "class NoCall has no __call__ method" in r.stderr
+    from rlsys.reward.api import check_call_form, load_callable
+
+    check_call_form("per_sample", load_callable(f"{f}:per_sample"))  # the contract: passes
+
+
+def test_unreadable_data_files_are_config_errors(tmp_path: Path) -> None:
+    from rlsys.data import read_records
+
+    (tmp_path / "a.json").write_text('{"prompt": "a"},\n{"prompt": "b"}\n')
+    with pytest.raises(ConfigError, match=r"a.json:1: not valid JSON .*name it .jsonl"):
+        read_records(tmp_path / "a.json")
+    (tmp_path / "b.parquet").write_text("not parquet")
+    with pytest.raises(ConfigError, match="b.parquet: not a readable Parquet file"):
+        read_records(tmp_path / "b.parquet")
+
+
+def test_eval_finds_the_model_folder_and_checks_out_first(tmp_path: Path, tiny_model_path) -> None:
+    from rlsys.evaluate import hf_folder
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-2"
+    for d in (run / "final", step / "trainer" / "hf"):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+    assert hf_folder(str(run)) == run / "final"
+    assert hf_folder(str(step)) == step / "trainer" / "hf"
+    assert hf_folder(str(run / "final")) == run / "final"
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        hf_folder(str(run / "checkpoints"))
+    # a bad --out fails before the evaluation runs, not after it
+    out = tmp_path / "a-file" / "eval.json"
+    (tmp_path / "a-file").write_text("")
+    r = _cli("eval", "recipes/quickstart.yaml", "--checkpoint", tiny_model_path, "--out", str(out))
+    assert r.returncode == 2, r.stderr
+    assert f"--out {out}: cannot create its folder" in r.stderr and "eval:" not in r.stdout
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path: Path) -> None:
+    from rlsys.controller import _already_done
+    from rlsys.trainer.checkpoint import Resume
+
+    ckpt = tmp_path / "checkpoints" / "step-3"
+    resumed = Resume(ckpt, {"step": 3, "run_dir": str(tmp_path)})
+    cfg = load_recipe(None, ["steps=3", "resume=auto"])
+    assert _already_done(cfg, None, resumed) is None  # no final/: resuming writes it
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    msg = _already_done(cfg, None, resumed)
+    assert msg is not None and "is at step 3 and the recipe has steps=3" in msg
+    assert "steps=6" in msg
+    assert _already_done(load_recipe(None, ["steps=4", "resume=auto"]), None, resumed) is None
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch) -> None:
+    from rlsys.controller import run_dir_for
+    from rlsys.trainer.checkpoint import _RUN
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_recipe(None)
+    first = run_dir_for(cfg, "recipes/r.yaml", None)
+    first.mkdir(parents=True)
+    second = run_dir_for(cfg, "recipes/r.yaml", None)
+    assert second != first and not second.exists()
+    assert _RUN.sub("", first.name) == _RUN.sub("", second.name) == "r"  # resume=auto finds both

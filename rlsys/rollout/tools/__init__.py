@@ -64,7 +64,7 @@ def build_tool(spec: str | Tool, **kwargs: Any) -> Tool:
         return spec
     from rlsys.reward.api import load_callable
 
-    return load_callable(TOOLS.get(spec, spec))(**kwargs)
+    return load_callable(TOOLS.get(spec, spec), "rollout.agent.tools")(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +101,11 @@ class AgentConfig:
             raise ValueError(
                 f"agent.parser: '{self.parser}' is not one of {', '.join(PARSERS)} "
                 "nor a 'pkg.module:Class' / 'file.py:Class' spec"
+            )
+        if self.env not in (None, "tools") and ":" not in self.env:
+            raise ValueError(
+                f"agent.env: '{self.env}' is not `tools` (the built-in tool env) nor a "
+                "'pkg.module:Class' / 'file.py:Class' spec"
             )
         unknown = [t for t in self.tools if t not in TOOLS and ":" not in t]
         if unknown:

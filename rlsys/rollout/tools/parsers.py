@@ -129,4 +129,4 @@ def build_parser(spec: str | ToolCallParser, **kwargs: Any) -> ToolCallParser:
         return PARSERS[spec](**kwargs)
     from rlsys.reward.api import load_callable
 
-    return load_callable(spec)(**kwargs)
+    return load_callable(spec, "rollout.agent.parser")(**kwargs)
