@@ -166,7 +166,8 @@ def _gemm_precision(lowp: torch.dtype | None, device: torch.device) -> Iterator[
     routes all but tiny GEMMs to oneDNN (a few tokens x a vocabulary chunk still go; a
     handful of tokens against a 64-column test chunk may not), and those it does not stay
     fp32: at least as accurate. Anywhere else (no `lowp`, fp16, GPU tensors, an older CPU)
-    the GEMMs are fp32."""
+    the GEMMs are fp32. Where oneDNN reports bf16 support but does not implement the mode for
+    fp32 GEMMs (AVX512-BF16 without AMX: measured on an AMD EPYC), they stay fp32 too."""
     onednn = (
         lowp == torch.bfloat16
         and device.type == "cpu"
