@@ -517,6 +517,8 @@ def _choice(key: str, value: Any, options: tuple) -> None:
         names = [str(o) for o in options]
         close = difflib.get_close_matches(str(value), names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if isinstance(value, bool) or value in ("True", "False"):  # YAML 1.1: off/on/no/yes
+            hint = " (YAML reads off/on/no/yes as a boolean: quote the word or use another)"
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(names)}.{hint}")
 
 

@@ -58,6 +58,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("rollout.agent.env=nope.py:Env", "rollout.agent.env 'nope.py:Env': file not found"),
         ("cluster.address=http://localhost", "'http://localhost' is not host:port"),
         ("cluster.address=127.0.0.1:1", "nothing answers at 127.0.0.1:1"),
+        ("logging.wandb.mode=off", "YAML reads off/on/no/yes as a boolean"),
     ],
 )
 def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
