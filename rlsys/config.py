@@ -203,6 +203,23 @@ class AlgorithmConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r: train low-rank adapters on `targets` instead of every weight
+    (`rlsys/trainer/lora.py`); 0 = full fine-tuning. The reference model of a KL term is then
+    the base model (adapters off), not a second copy. Adapters usually want a larger
+    `trainer.lr` than full fine-tuning (1e-5 to 1e-4)."""
+    alpha: float = 32.0
+    """LoRA scale numerator: the update is (alpha / rank) B A."""
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+    """Attribute names of the linear layers that get adapters (every decoder layer's)."""
+
+
+@dataclass
 class TrainerConfig:
     lr: float = 1e-6
     """AdamW learning rate."""
@@ -262,6 +279,8 @@ class TrainerConfig:
     """Optimizer steps of linear LR warm-up."""
     bucket_mb: int = 64
     """Communication bucket (MB) for gradient reduction and ZeRO-3 parameter gathers."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters on the policy (the critic trains in full)."""
     device: str = "auto"
     """Where each trainer rank computes: cpu, cuda (one GPU per rank: give it one with
     `cluster.trainer_resources: {CPU: 1, GPU: 1}`), or auto: cuda when the trainer resources
@@ -626,6 +645,11 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("trainer.ranks", cfg.trainer.ranks)
     _positive("trainer.warmup_steps", cfg.trainer.warmup_steps, allow_zero=True)
     _positive("trainer.bucket_mb", cfg.trainer.bucket_mb)
+    lora = cfg.trainer.lora
+    _positive("trainer.lora.rank", lora.rank, allow_zero=True)
+    _positive("trainer.lora.alpha", lora.alpha)
+    if lora.rank and not lora.targets:
+        raise ConfigError("trainer.lora.targets is empty: name the linear layers to adapt")
     _positive("sync.bucket_mb", cfg.sync.bucket_mb)
     _choice("rollout.mode", cfg.rollout.mode, ("sync", "async"))
     _positive("rollout.max_staleness", cfg.rollout.max_staleness, allow_zero=True)

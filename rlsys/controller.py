@@ -213,6 +213,10 @@ def train(cfg: RecipeConfig, recipe_path: str | None = None) -> dict[str, Any]:
         from rlsys.rollout.native import check_supported
 
         check_supported(model_path, cfg.model.path)
+    if cfg.trainer.lora.rank:
+        from rlsys.trainer.lora import check_targets
+
+        check_targets(model_path, cfg.trainer.lora.targets)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_prompts, eval_prompts = load_splits(cfg.data, tokenizer, cfg.seed)
     if cfg.eval.every and not eval_prompts:

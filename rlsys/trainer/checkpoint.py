@@ -97,8 +97,9 @@ def root(cfg: RecipeConfig, run_dir: str | Path) -> Path:
 
 
 def fingerprint(cfg: RecipeConfig, model_path: str | Path) -> dict[str, Any]:
-    """The `MATCH_KEYS` of a recipe, plus a hash of the model's `config.json` (catches a
-    different model behind the same name), as JSON values."""
+    """The `MATCH_KEYS` of a recipe (and `trainer.lora` when adapters are on), plus a hash
+    of the model's `config.json` (catches a different model behind the same name), as JSON
+    values."""
     d = to_dict(cfg)
     out: dict[str, Any] = {}
     for key in MATCH_KEYS:
@@ -106,6 +107,8 @@ def fingerprint(cfg: RecipeConfig, model_path: str | Path) -> dict[str, Any]:
         for part in key.split("."):
             v = v[part]
         out[key] = v
+    if cfg.trainer.lora.rank:  # only then: checkpoints of full fine-tuning predate LoRA
+        out["trainer.lora"] = d["trainer"]["lora"]
     cfg_json = Path(model_path) / "config.json"
     out["model.config_sha256"] = (
         hashlib.sha256(cfg_json.read_bytes()).hexdigest() if cfg_json.is_file() else None
@@ -257,9 +260,11 @@ def validate(path: str | Path, expected: dict[str, Any] | None = None) -> dict[s
             _corrupt(path, f"{name} has {f.stat().st_size} bytes, {size} when saved (truncated?)")
     if expected is not None:
         saved = manifest.get("fingerprint", {})
-        diff = [k for k in expected if saved.get(k) != expected[k]]
+        diff = [k for k in {**saved, **expected} if saved.get(k) != expected.get(k)]
         if diff:
-            parts = "; ".join(f"{k} is {saved.get(k)!r} there, {expected[k]!r} here" for k in diff)
+            parts = "; ".join(
+                f"{k} is {saved.get(k)!r} there, {expected.get(k)!r} here" for k in diff
+            )
             raise CheckpointError(
                 f"checkpoint {path} was written by a different recipe: {parts}. Resume with the "
                 "recipe it was written with, or start a fresh run (resume= empty and a new "

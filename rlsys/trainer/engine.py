@@ -156,6 +156,9 @@ class TrainEngine:
         self.trainable = lr is not None
         self.stage = effective_stage(t, self.world)
         module.to(device)
+        from rlsys.trainer.lora import lora_layers
+
+        self.lora = lora_layers(module)  # base weight name -> its adapter (none = full)
         if not self.trainable and self.stage < 3:
             # Nothing to shard but parameters, and only stage 3 shards those.
             self.engine = None
@@ -164,7 +167,7 @@ class TrainEngine:
         opt = sched = None
         if self.trainable:
             opt = torch.optim.AdamW(
-                module.parameters(),
+                [p for p in module.parameters() if p.requires_grad],  # LoRA: the adapters
                 lr=lr,
                 betas=tuple(t.betas),
                 weight_decay=t.weight_decay,
@@ -231,10 +234,14 @@ class TrainEngine:
 
     def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight once (a tied weight under its first name) and the persistent
-        buffers, with the wrapper's prefix dropped from the names."""
+        buffers, with the wrapper's prefix dropped from the names; LoRA factors are not
+        listed (`buckets` yields their layer's merged weight under the base name)."""
+        from rlsys.trainer.lora import is_adapter
+
         n0 = len(self.prefix)
         for n, p in self.module.named_parameters():
-            yield n[n0:], p
+            if not is_adapter(n):
+                yield n[n0:], p
         names = set(self.module.state_dict().keys())
         for n, b in self.module.named_buffers():
             if n in names:
@@ -254,20 +261,25 @@ class TrainEngine:
         import deepspeed
 
         tensors = dict(self._tensors())
+        lora = {n[len(self.prefix) :]: m for n, m in self.lora.items()}
         for bucket in plan:
             ps = [tensors[n] for n, _ in bucket]
             ctx = contextlib.nullcontext()
             if self.stage == 3 and self.engine is not None:
-                sharded = list({id(p): p for p in ps if hasattr(p, "ds_id")}.values())
+                factors = [
+                    f for n, _ in bucket if n in lora for f in (lora[n].lora_A, lora[n].lora_B)
+                ]
+                sharded = list({id(p): p for p in ps + factors if hasattr(p, "ds_id")}.values())
                 ctx = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
             with ctx:
                 if self.rank != 0:
                     yield []
                     continue
-                yield [
-                    (n, p.detach().to(dtype) if dtype else p.detach())
-                    for (n, _), p in zip(bucket, ps, strict=True)
-                ]
+                out = []
+                for (n, _), p in zip(bucket, ps, strict=True):
+                    x = lora[n].merged_weight() if n in lora else p.detach()
+                    out.append((n, x.to(dtype) if dtype else x))
+                yield out
 
     def full_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
         """Full weights (CPU copies) on rank 0, None elsewhere; collective under ZeRO-3."""
@@ -315,13 +327,19 @@ class TrainEngine:
 
     def save(self, path: str) -> None:
         """DeepSpeed checkpoint of this engine (collective: every rank writes its shard)."""
-        if self.engine is not None:
-            self.engine.save_checkpoint(path, tag="engine", save_latest=False)
+        if self.engine is not None:  # LoRA: the frozen base weights come from model.path
+            self.engine.save_checkpoint(
+                path, tag="engine", save_latest=False, exclude_frozen_parameters=bool(self.lora)
+            )
 
     def load(self, path: str) -> None:
         if self.engine is not None:
             load_path, _ = self.engine.load_checkpoint(
-                path, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+                path,
+                tag="engine",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=not self.lora,  # LoRA: the adapters only
             )
             if load_path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")

@@ -28,6 +28,7 @@ from rlsys.trainer.attention import use_packed_attention
 from rlsys.trainer.critic import Critic
 from rlsys.trainer.engine import TrainEngine, effective_stage, free_port, init_distributed
 from rlsys.trainer.logprobs import TokenLogprobs, fuse_vocab_grads
+from rlsys.trainer.lora import adapters_off, apply_lora
 from rlsys.trainer.losses import (
     AdaptiveKLController,
     kl_penalty,
@@ -75,6 +76,8 @@ class TrainerWorker:
         model.config.use_cache = False
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
+        if t.lora.rank:
+            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.targets)
         total = self.cfg.steps * t.mini_batches
         temp, fused, kind = self.cfg.rollout.temperature, t.fused_logprob, t.logprob_backend
         dev = self.device
@@ -87,10 +90,12 @@ class TrainerWorker:
         self.model.train()
         # Nothing hooks gradient accumulation at stage 0 with fp32 weights (grad_into.py).
         fuse = t.vocab_grad_fusion and self.policy.stage == 0 and t.precision == "fp32"
-        if fuse:
+        if fuse and not t.lora.rank:  # LoRA: the vocabulary weights are frozen
             fuse_vocab_grads(self.policy.module, self.model)
         self.ref = None
-        if al.kl.mode != "none":
+        # LoRA: the reference is the policy with its adapters off (`_ref_logp`), no copy
+        self.has_ref = al.kl.mode != "none"
+        if self.has_ref and not t.lora.rank:
             # Frozen: under bf16 autocast its matmuls run in bf16 anyway, so bf16 weights give
             # the same logprobs at half the memory.
             ref_dtype = (
@@ -206,6 +211,13 @@ class TrainerWorker:
                 return engine(ids, att, self._to(resp), pos, cu)
             return engine(ids, att, self._to(resp), pos, cu, token_loss=token_loss)
 
+    def _ref_logp(self, mb: MicroBatch, resp: torch.Tensor) -> torch.Tensor:
+        """Reference logprobs [b, l]: the frozen copy's, or (LoRA) the policy's base model's."""
+        if self.ref is not None:
+            return self._logp(self.ref, mb, resp)[0]
+        with adapters_off(self.model):
+            return self._logp(self.policy, mb, resp)[0]
+
     def _token_loss(
         self,
         logp: torch.Tensor,
@@ -305,8 +317,8 @@ class TrainerWorker:
         old_lp = ref_lp = old_v = None
         if need_old:
             old_lp = self._full_pass(lambda mb, r: self._logp(self.policy, mb, r)[0], batch, minis)
-        if self.ref is not None:
-            ref_lp = self._full_pass(lambda mb, r: self._logp(self.ref, mb, r)[0], batch, minis)
+        if self.has_ref:
+            ref_lp = self._full_pass(self._ref_logp, batch, minis)
         if self.critic is not None:
             old_v = self._full_pass(self._values, batch, minis)
 
@@ -328,7 +340,7 @@ class TrainerWorker:
         lr = self.policy.lr  # the LR of this step's (first) update
         local = dict.fromkeys(_LOCAL_KEYS, 0.0)
         reported = {"train/loss", "train/entropy", "train/clip_frac", "train/rollout_logprob_diff"}
-        if self.ref is not None:
+        if self.has_ref:
             reported.add("train/kl")
         if al.off_policy.mode != "none":
             reported.add("train/is_weight")

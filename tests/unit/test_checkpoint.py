@@ -110,6 +110,24 @@ def test_a_trainer_ahead_of_the_controller_is_not_saved(tmp_path: Path, fp: dict
     ck.validate(good, fp)
 
 
+def test_fingerprint_tells_lora_from_full(tmp_path: Path, fp: dict, tiny_model_path) -> None:
+    """A LoRA checkpoint cannot be resumed as full fine-tuning or with another rank, and the
+    other way round; a full run's fingerprint has no LoRA key, so checkpoints written before
+    LoRA existed still match."""
+    lora = ck.fingerprint(
+        load_recipe(RECIPE, ["model.path=tiny-llama", "trainer.lora.rank=8"]), tiny_model_path
+    )
+    assert "trainer.lora" not in fp and lora["trainer.lora"]["rank"] == 8
+    rank4 = {**lora, "trainer.lora": {**lora["trainer.lora"], "rank": 4}}
+    path = _save(tmp_path / "lora", 1, lora)
+    ck.validate(path, lora)
+    for other in (fp, rank4):
+        with pytest.raises(CheckpointError, match="trainer.lora is"):
+            ck.validate(path, other)
+    with pytest.raises(CheckpointError, match="trainer.lora is None there"):
+        ck.validate(_save(tmp_path / "full", 1, fp), lora)
+
+
 def test_saving_a_step_again_replaces_it(tmp_path: Path, fp: dict) -> None:
     _save(tmp_path, 4, fp, nbytes=10)
     path = _save(tmp_path, 4, fp, nbytes=20)

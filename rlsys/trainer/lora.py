@@ -1,0 +1,153 @@
+"""LoRA: low-rank adapters on the policy's linear layers (`trainer.lora`).
+
+A target `nn.Linear` with frozen weight W [out, in] becomes
+
+    y = x W^T + b + (alpha / r) * (x A^T) B^T,      A [r, in], B [out, r],
+
+with A drawn as nn.Linear draws its weights (Kaiming-uniform) and B = 0, so the adapted model
+starts as the base model (Hu et al., 2021). Only A and B train: no gradient, fp32 master or
+Adam moment is kept for W, and the reference model of a KL term is the same model with its
+adapters switched off (`adapters_off`), not a second copy.
+
+The rest of the system sees merged weights only: `merged_weight` = W + (alpha / r) B A, under
+W's name, is what the trainer pushes to the rollout engines and exports as a Hugging Face
+folder (`TrainEngine.buckets`). W itself never changes, so merging adds no rounding drift.
+There is no dropout: the ratio's old and new logprobs must come from the same deterministic
+forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlsys.config import ConfigError
+
+# Modules a LoRA target may not name: the fused LM head reads `lm_head.weight` directly
+# (`trainer/logprobs.py`), and the embedding is not an `nn.Linear`.
+_NOT_TARGETS = ("lm_head", "embed_tokens")
+
+
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` whose weight (and bias) are frozen, plus a trainable rank-`rank` update.
+
+    It is a subclass so that the base weight keeps its name (`...q_proj.weight`) and every
+    `isinstance(m, nn.Linear)` in the model code still holds."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, rank, dtype=w.dtype, device=w.device)
+        )
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / rank
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha / r) B A, computed in fp32 and returned in W's dtype (a new tensor)."""
+        delta = self.lora_B.float() @ self.lora_A.float()
+        return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        r = self.lora_A.shape[0]
+        return f"{super().extra_repr()}, lora_rank={r}, lora_scale={self.scale:g}"
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> int:
+    """Freeze every parameter of `model` and replace each `nn.Linear` whose attribute name is
+    in `targets` by a `LoRALinear`; returns how many were replaced. Raises ConfigError when
+    none matches (the message lists the linear layers there are)."""
+    model.requires_grad_(False)
+    wanted = set(targets)
+    found = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in wanted and type(child) is nn.Linear
+    ]
+    if not found:
+        raise ConfigError(
+            f"trainer.lora.targets {sorted(wanted)} match no linear layer of the model; it "
+            f"has {', '.join(linear_names(model))}"
+        )
+    for parent, name, child in found:
+        setattr(parent, name, LoRALinear(child, rank, alpha))
+    return len(found)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The attribute names of the model's `nn.Linear` layers that may be LoRA targets."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names - set(_NOT_TARGETS))
+
+
+def check_targets(model_path: str | Path, targets: Sequence[str]) -> None:
+    """ConfigError unless every name in `targets` is a linear layer of the model at
+    `model_path` (built on the meta device: no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    bad = [t for t in targets if t in _NOT_TARGETS]
+    if bad:
+        raise ConfigError(
+            f"trainer.lora.targets: {bad[0]} cannot take an adapter (the fused LM head and the "
+            "embedding are trained in full or not at all); list the decoder's linear layers"
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    have = linear_names(model)
+    unknown = [t for t in targets if t not in have]
+    if unknown:
+        raise ConfigError(
+            f"trainer.lora.targets: {', '.join(unknown)} is not a linear layer of "
+            f"{model_path}; it has {', '.join(have)}"
+        )
+
+
+def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:
+    """{name of the base weight (as in `named_parameters`): its LoRALinear}."""
+    return {
+        f"{n}.weight" if n else "weight": m
+        for n, m in module.named_modules()
+        if isinstance(m, LoRALinear)
+    }
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a LoRA factor (not part of the exported model)."""
+    return name.endswith((".lora_A", ".lora_B")) or name in ("lora_A", "lora_B")
+
+
+@contextlib.contextmanager
+def adapters_off(module: nn.Module) -> Iterator[None]:
+    """Run `module` as its base model: every LoRALinear computes x W^T + b only."""
+    layers = list(lora_layers(module).values())
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
