@@ -111,6 +111,26 @@ def test_ppo_critic_under_zero3(ray_session, synthetic_groups) -> None:
         assert (w1[k] - w2[k]).abs().max().item() < 5e-5, k
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_two_ranks_equal_one_rank(ray_session, synthetic_groups, stage: int) -> None:
+    """LoRA across ranks: ZeRO shards only the adapters' gradients and optimizer state (and at
+    stage 3 gathers the factors with their base weight for the push); 2 ranks give the same
+    losses and merged weights as 1 rank."""
+    extra = ["trainer.lora.rank=4", "trainer.lr=1e-2"]
+    m1, w1 = _run(1, 0, synthetic_groups, extra)
+    m2, w2 = _run(2, stage, synthetic_groups, extra)
+    for a, b in zip(m1, m2, strict=True):
+        for k in ("train/loss", "train/kl"):
+            assert abs(a[k] - b[k]) < TOL, (k, a[k], b[k])
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=TOL)
+    assert m1[-1]["train/kl"] > 0  # the adapters moved the policy off the base
+    init = _initial()
+    assert set(w1) == set(w2) and set(w1) <= set(init)  # base names only
+    assert max((w1[k] - init[k]).abs().max().item() for k in w1) > 1e-3
+    for k in w1:
+        assert (w1[k] - w2[k]).abs().max().item() < TOL, k
+
+
 def test_two_rank_zero3_run_end_to_end(tmp_path) -> None:
     """`rlsys train` with 2 ZeRO-3 ranks and 2 rollout workers: broadcast sync every step,
     every worker at the last version, and a Hugging Face export that loads."""

@@ -245,3 +245,16 @@ def test_checkpoint_holds_the_adapters_and_round_trips(
     m_b = back.train_step(synthetic_groups(seed=1))
     assert m_a["train/loss"] == pytest.approx(m_b["train/loss"], abs=1e-7)
     assert m_a["train/grad_norm"] == pytest.approx(m_b["train/grad_norm"], rel=1e-6)
+
+
+def test_bf16_weights_train_the_adapters_only(tiny_model_path, synthetic_groups) -> None:
+    """`trainer.precision=bf16` (DeepSpeed's bf16 optimizer with fp32 masters) with LoRA: the
+    frozen bf16 base stays bit-for-bit, the adapters move."""
+    w = _worker(tiny_model_path, "trainer.precision=bf16")
+    init = {n: p.detach().clone() for n, p in w.model.named_parameters()}
+    assert all(p.dtype == torch.bfloat16 for p in init.values())
+    for _ in range(2):
+        assert w.train_step(synthetic_groups())["train/grad_norm"] > 0
+    after = dict(w.model.named_parameters())
+    moved = {n for n in init if not torch.equal(init[n], after[n])}
+    assert moved == {n for n in init if "lora" in n}
