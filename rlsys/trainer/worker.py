@@ -3,7 +3,8 @@
 A step reads top to bottom (every rank runs it on the same batch, on its share of the rows):
 
 1. no-grad passes, only those the recipe needs: pre-update logprobs (several mini-batches or
-   a KL reward), reference logprobs (KL), critic values (PPO); each rank computes its rows and
+   a KL reward), reference logprobs (KL; with `trainer.lora`, the policy with its adapters
+   off), critic values (PPO); each rank computes its rows and
    an all-reduce gives every rank the full [B, L] tensors;
 2. per-token advantages (`trainer/algorithm.py`), identical on every rank;
 3. for each mini-batch of whole groups: micro-batched forward/backward of policy loss

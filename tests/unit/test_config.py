@@ -59,6 +59,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         ("cluster.address=http://localhost", "'http://localhost' is not host:port"),
         ("cluster.address=127.0.0.1:1", "nothing answers at 127.0.0.1:1"),
         ("logging.wandb.mode=off", "YAML reads off/on/no/yes as a boolean"),
+        ("trainer.lora.rank=-4", "trainer.lora.rank must be >= 0, got -4"),
     ],
 )
 def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
@@ -66,6 +67,28 @@ def test_bad_override_exits_2_with_message(override: str, needle: str) -> None:
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "targets, needle",
+    [
+        ("[q_proj,q_prj]", "q_prj is not a linear layer of"),
+        ("[lm_head]", "lm_head cannot take an adapter"),
+    ],
+)
+def test_bad_lora_targets_exit_2_before_any_actor(tmp_path: Path, targets: str, needle) -> None:
+    run = tmp_path / "run"
+    r = _cli(
+        "train",
+        "recipes/quickstart.yaml",
+        "trainer.lora.rank=8",
+        f"trainer.lora.targets={targets}",
+        f"logging.run_dir={run}",
+    )
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert "it has down_proj, gate_proj" in r.stderr or "lm_head" in targets
+    assert not run.exists()  # nothing started
 
 
 @pytest.mark.parametrize("device", ["trainer.device=cpu", "trainer.device=auto"])
