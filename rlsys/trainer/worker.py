@@ -4,8 +4,8 @@ A step reads top to bottom (every rank runs it on the same batch, on its share o
 
 1. no-grad passes, only those the recipe needs: pre-update logprobs (several mini-batches or
    a KL reward), reference logprobs (KL; with `trainer.lora`, the policy with its adapters
-   off), critic values (PPO); each rank computes its rows and
-   an all-reduce gives every rank the full [B, L] tensors;
+   off), critic values (PPO); each rank computes its rows and an all-reduce gives every rank
+   the full [B, L] tensors;
 2. per-token advantages (`trainer/algorithm.py`), identical on every rank;
 3. for each mini-batch of whole groups: micro-batched forward/backward of policy loss
    (+ KL loss term, - entropy bonus) on this rank's rows -> ZeRO reduce, clip, AdamW step;
