@@ -489,7 +489,8 @@ class TrainerWorker:
         with the same path, on a filesystem all ranks share; see `trainer/checkpoint.py`):
 
         - `policy/`, `critic/`: DeepSpeed checkpoints (weights, optimizer, LR schedule; one
-          ZeRO shard per rank); the frozen reference model is rebuilt from `model.path`;
+          ZeRO shard per rank; with `trainer.lora` the policy's adapters only); the frozen
+          reference model and a LoRA policy's base weights are rebuilt from `model.path`;
         - `rank<i>.pt`: this rank's version, KL coefficient and torch RNG states;
         - rank 0 only: `hf/`, the policy as a Hugging Face folder (what `rlsys export` copies),
           and `trainer.json` (`version`, `ranks`), which the controller checks against its own
