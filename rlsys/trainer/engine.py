@@ -294,6 +294,24 @@ class TrainEngine:
             )
         return out if self.rank == 0 else None
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA factors ({name without the prefix: CPU copy}) on rank 0, None elsewhere;
+        collective under ZeRO-3 (the factors are gathered once, together)."""
+        import deepspeed
+
+        from rlsys.trainer.lora import is_adapter
+
+        n0 = len(self.prefix)
+        factors = [(n[n0:], p) for n, p in self.module.named_parameters() if is_adapter(n)]
+        ctx = contextlib.nullcontext()
+        if self.stage == 3 and self.engine is not None:
+            sharded = [p for _, p in factors if hasattr(p, "ds_id")]
+            ctx = deepspeed.zero.GatheredParameters(sharded, modifier_rank=None)
+        with ctx:
+            if self.rank != 0:
+                return None
+            return {n: p.detach().to("cpu", copy=True) for n, p in factors}
+
     def state_bytes(self) -> int:
         """Bytes of model and optimizer state this rank holds (parameters or their ZeRO-3
         shard, fp32 master partitions, Adam moments), each storage counted once."""

@@ -12,6 +12,8 @@ adapters switched off (`adapters_off`), not a second copy.
 The rest of the system sees merged weights only: `merged_weight` = W + (alpha / r) B A, under
 W's name, is what the trainer pushes to the rollout engines and exports as a Hugging Face
 folder (`TrainEngine.buckets`). W itself never changes, so merging adds no rounding drift.
+The factors alone are also written in PEFT's adapter format (`save_adapter`), which PEFT's
+`PeftModel.from_pretrained` and vLLM's LoRA serving load on top of the base model.
 There is no dropout: the ratio's old and new logprobs must come from the same deterministic
 forward.
 """
@@ -19,8 +21,9 @@ forward.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -151,3 +154,50 @@ def adapters_off(module: nn.Module) -> Iterator[None]:
     finally:
         for m in layers:
             m.enabled = True
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_name(name: str) -> str:
+    """PEFT's saved name of a factor: `model.layers.0.self_attn.q_proj.lora_A` (a name in
+    the Hugging Face model) -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`
+    (PeftModel -> LoraModel -> the model; PEFT drops the adapter's name when saving)."""
+    return f"base_model.model.{name}.weight"
+
+
+def save_adapter(
+    out_dir: str | Path,
+    factors: Mapping[str, torch.Tensor],
+    rank: int,
+    alpha: float,
+    base_model: str,
+) -> Path:
+    """Write the LoRA factors `factors` ({name in the HF model: tensor}) as a PEFT adapter
+    folder: `adapter_config.json` (r, lora_alpha, target_modules; no dropout, no bias) and
+    `adapter_model.safetensors`. PEFT scales B A by lora_alpha / r, as `LoRALinear` does."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = sorted({n.rsplit(".", 2)[-2] for n in factors})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {peft_name(n): t.detach().to("cpu").contiguous() for n, t in factors.items()}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out

@@ -29,7 +29,7 @@ from rlsys.trainer.attention import use_packed_attention
 from rlsys.trainer.critic import Critic
 from rlsys.trainer.engine import TrainEngine, effective_stage, free_port, init_distributed
 from rlsys.trainer.logprobs import TokenLogprobs, fuse_vocab_grads
-from rlsys.trainer.lora import adapters_off, apply_lora
+from rlsys.trainer.lora import adapters_off, apply_lora, save_adapter
 from rlsys.trainer.losses import (
     AdaptiveKLController,
     kl_penalty,
@@ -70,6 +70,7 @@ class TrainerWorker:
         torch.manual_seed(self.cfg.seed)
         dtype = getattr(torch, self.cfg.model.dtype)
         al, t = self.cfg.algorithm, self.cfg.trainer
+        self.model_path = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         if t.packed_attention:
@@ -476,12 +477,20 @@ class TrainerWorker:
 
     def save_pretrained(self, out_dir: str) -> str:
         """Write the policy as a Hugging Face folder (weights, config, tokenizer) from rank 0;
-        collective under ZeRO-3."""
+        collective under ZeRO-3. With `trainer.lora` the weights are the merged ones, and
+        `<out_dir>/adapter` holds the adapters alone in PEFT's format (on `model.path`)."""
+        import os
+
         state = self.policy.full_state_dict()
+        factors = self.policy.adapter_state_dict() if self.policy.lora else None
         if self.rank == 0:
             assert state is not None
             self.model.save_pretrained(out_dir, state_dict=state)
             self.tokenizer.save_pretrained(out_dir)
+            if factors is not None:
+                lo = self.cfg.trainer.lora
+                adapter = os.path.join(out_dir, "adapter")
+                save_adapter(adapter, factors, lo.rank, lo.alpha, self.model_path)
         return out_dir
 
     def save_state(self, path: str) -> None:

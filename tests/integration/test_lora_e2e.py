@@ -63,3 +63,18 @@ def test_lora_run_pushes_merged_weights_and_resumes(tmp_path: Path, tiny_model_p
     assert adapted and frozen
     assert all(torch.equal(final[k], base[k]) for k in frozen)
     assert min((final[k] - base[k]).abs().max() for k in adapted) > 1e-3
+    # the PEFT adapter beside the merged model is the same policy, and `rlsys export` of the
+    # step-3 checkpoint carries it too
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlsys.trainer.checkpoint import export
+
+    exported = export(run / "checkpoints", tmp_path / "export")
+    ids = torch.randint(5, 300, (2, 9))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(str(run / "final"))(input_ids=ids).logits
+        for adapter in (run / "final" / "adapter", exported / "adapter"):
+            plain = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+            peft = PeftModel.from_pretrained(plain, str(adapter)).eval()
+            assert torch.allclose(peft(input_ids=ids).logits, merged, atol=1e-5), adapter

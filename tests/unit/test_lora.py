@@ -155,6 +155,44 @@ def test_step_trains_the_adapters_only_and_pushes_merged_weights(
     assert (_logits(base, ids) - adapted).abs().max() > 1e-3  # the adapters changed the model
 
 
+def test_adapter_export_loads_in_peft(tiny_model_path, synthetic_groups, tmp_path) -> None:
+    """`save_pretrained` writes `adapter/` in PEFT's format beside the merged model: PEFT's
+    `PeftModel.from_pretrained` on the base model computes the trained policy's logits (fp32,
+    1e-5), and so does the merged folder; full fine-tuning writes no adapter."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    w = _worker(tiny_model_path)
+    for _ in range(2):
+        w.train_step(synthetic_groups())
+    w.save_pretrained(str(tmp_path / "out"))
+    cfg = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (
+        4,
+        8.0,
+        tiny_model_path,
+    )
+    assert cfg["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "out" / "adapter")).eval()
+    ids = torch.randint(5, 300, (2, 13))
+    adapted = _logits(w.model, ids)
+    fresh = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_path), ids)
+    assert (adapted - fresh).abs().max() > 1e-3  # the adapters moved the model
+    assert torch.allclose(_logits(peft, ids), adapted, atol=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert torch.allclose(_logits(merged, ids), adapted, atol=1e-5)
+
+    full = _worker(tiny_model_path, "trainer.lora.rank=0")
+    full.save_pretrained(str(tmp_path / "full"))
+    assert (tmp_path / "full" / "config.json").is_file()
+    assert not (tmp_path / "full" / "adapter").exists()
+
+
 def test_reference_is_the_base_model(tiny_model_path, synthetic_groups) -> None:
     """With a KL term the LoRA trainer loads no reference copy: its reference logprobs are the
     policy's with the adapters off, equal to a frozen copy's (a full-fine-tuning worker's
@@ -199,18 +237,23 @@ def test_fused_head_with_frozen_lm_head_equals_unfused(tiny_model_path, syntheti
 
 
 def test_zero3_gathers_the_factors(tiny_model_path, synthetic_groups) -> None:
-    """Under ZeRO-3 (parameters sharded) the pushed merged weights equal stage 0's after the
-    same two steps: the factors are gathered with their base weight."""
-    states = []
+    """Under ZeRO-3 (parameters sharded) the pushed merged weights and the exported adapter
+    equal stage 0's after the same two steps: the factors are gathered (with their base
+    weight for the push)."""
+    states, adapters = [], []
     for stage in (0, 3):
         w = _worker(tiny_model_path, f"trainer.zero_stage={stage}")
         for _ in range(2):
             w.train_step(synthetic_groups())
         states.append(w.get_weights())
+        adapters.append(w.policy.adapter_state_dict())
     s0, s3 = states
     assert set(s0) == set(s3)
     for k in s0:
         assert torch.allclose(s0[k], s3[k], atol=1e-6), k
+    a0, a3 = adapters
+    assert set(a0) == set(a3) and len(a0) == 2 * 7 * 2  # A and B, 7 targets, 2 layers
+    assert all(a3[k].shape == a0[k].shape and torch.allclose(a0[k], a3[k], atol=1e-6) for k in a0)
     init = _worker(tiny_model_path).get_weights()
     q = "model.layers.1.mlp.down_proj.weight"
     assert (s3[q] - init[q]).abs().max() > 1e-5
