@@ -7,7 +7,8 @@ and whether the reward still rises.
    (`*_peak_mem_gb`), what each engine holds, and the mean trainer step (`*_trainer_step_s`).
    Full fine-tuning holds fp32 weights + gradients + AdamW moments and a bf16 reference copy;
    LoRA holds the frozen fp32 weights, the adapters with their gradients and moments, and no
-   reference (the base model is the policy with the adapters off).
+   reference (the base model is the policy with the adapters off). The same pair for PPO
+   (`ppo_*`: GAE with a critic, two mini-batches), whose critic takes adapters too.
 2. `rlsys train recipes/quickstart.yaml` (GRPO, SmolLM2-135M-Instruct, single-digit addition)
    for `--steps` steps each, real Ray actors, in this process: mean reward of the first and
    last five steps, mean step / train / weight-sync seconds (steps 2..N).
@@ -69,24 +70,31 @@ def main() -> None:
     lora = [f"trainer.lora.rank={args.rank}", f"trainer.lora.alpha={args.alpha}"]
     variants = {"full": [], "lora": [*lora, f"trainer.lr={args.lora_lr}"]}
     fig: dict = {"rank": args.rank, "alpha": args.alpha, "lora_lr": args.lora_lr}
-    mem = {k: child("grpo", 3, v) for k, v in variants.items()}
-    print(f"{'trainer':8}{'peak GB':>9}{'state GB':>10}{'AdamW GB':>10}{'ref GB':>8}{'step s':>8}")
-    for k, r in mem.items():
-        e = r["engines"]
-        ref = (e["ref"] or {}).get("params_gb", 0.0)
-        print(
-            f"{k:8}{r['peak_gb']:9.3f}{r['hand']['state']:10.3f}{e['policy']['opt_gb']:10.3f}"
-            f"{ref:8.3f}{r['step_s']:8.2f}"
+    print(
+        f"{'trainer':12}{'peak GB':>9}{'state GB':>10}{'AdamW GB':>10}{'ref GB':>8}"
+        f"{'critic AdamW':>14}{'step s':>8}"
+    )
+    for algo, tag in (("grpo", ""), ("ppo", "ppo_")):
+        mem = {k: child(algo, 3, v) for k, v in variants.items()}
+        for k, r in mem.items():
+            e = r["engines"]
+            ref = (e["ref"] or {}).get("params_gb", 0.0)
+            critic = (e.get("critic") or {}).get("opt_gb", 0.0)
+            print(
+                f"{algo + ' ' + k:12}{r['peak_gb']:9.3f}{r['hand']['state']:10.3f}"
+                f"{e['policy']['opt_gb']:10.3f}{ref:8.3f}{critic:14.3f}{r['step_s']:8.2f}"
+            )
+            fig.update(
+                {
+                    f"{tag}{k}_peak_mem_gb": round(r["peak_gb"], 3),
+                    f"{tag}{k}_state_gb": round(r["hand"]["state"], 3),
+                    f"{tag}{k}_trainer_step_s": round(r["step_s"], 2),
+                }
+            )
+        fig[f"{tag}lora_mem_ratio"] = round(mem["lora"]["peak_gb"] / mem["full"]["peak_gb"], 3)
+        fig[f"{tag}lora_trainer_speedup"] = round(
+            mem["full"]["step_s"] / mem["lora"]["step_s"], 3
         )
-        fig.update(
-            {
-                f"{k}_peak_mem_gb": round(r["peak_gb"], 3),
-                f"{k}_state_gb": round(r["hand"]["state"], 3),
-                f"{k}_trainer_step_s": round(r["step_s"], 2),
-            }
-        )
-    fig["lora_mem_ratio"] = round(mem["lora"]["peak_gb"] / mem["full"]["peak_gb"], 3)
-    fig["lora_trainer_speedup"] = round(mem["full"]["step_s"] / mem["lora"]["step_s"], 3)
 
     runs = {k: quickstart(args.steps, v) for k, v in variants.items()}
     print(f"\nquickstart, {args.steps} steps")

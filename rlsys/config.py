@@ -50,7 +50,11 @@ class DataConfig:
     system_prompt: str | None = None
     """Prepended as a system message when a prompt is a plain string."""
     max_prompt_tokens: int = 256
-    """Prompts longer than this (after the chat template) are an error."""
+    """Prompts longer than this (after the chat template) are an error, or left out with
+    `overlong_prompts: drop`."""
+    overlong_prompts: str = "error"
+    """A prompt over `max_prompt_tokens`: `error` stops before anything starts and names the
+    record; `drop` leaves it out of the data and says how many were left out."""
     num_train: int = 2000
     """Built-in task: size of the training split."""
     num_eval: int = 200
@@ -207,8 +211,10 @@ class LoraConfig:
     rank: int = 0
     """LoRA rank r: train low-rank adapters on `targets` instead of every weight
     (`rlsys/trainer/lora.py`); 0 = full fine-tuning. The reference model of a KL term is then
-    the base model (adapters off), not a second copy. Adapters usually want a larger
-    `trainer.lr` than full fine-tuning (1e-5 to 1e-4)."""
+    the base model (adapters off), not a second copy; PPO's critic gets adapters on its
+    backbone too (its value head trains in full). The exported model is the merged one, with
+    the adapters alone in PEFT's format in its `adapter/` folder. Adapters usually want a
+    larger `trainer.lr` than full fine-tuning (1e-5 to 1e-4)."""
     alpha: float = 32.0
     """LoRA scale numerator: the update is (alpha / rank) B A."""
     targets: list[str] = field(
@@ -607,6 +613,7 @@ def validate(cfg: RecipeConfig) -> None:
     _positive("rollout.max_batch", cfg.rollout.max_batch)
     _positive("rollout.vllm_kv_cache_gib", cfg.rollout.vllm_kv_cache_gib)
     _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    _choice("data.overlong_prompts", cfg.data.overlong_prompts, ("error", "drop"))
     _positive("eval.every", cfg.eval.every, allow_zero=True)
     _positive("eval.num_prompts", cfg.eval.num_prompts)
     _positive("eval.k", cfg.eval.k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,21 +70,37 @@ def to_messages(prompt: Any, system_prompt: str | None, where: str) -> list[dict
 
 
 def tokenize_records(rows: list[dict], tokenizer: Any, cfg: DataConfig, where: str) -> list[Prompt]:
-    """Apply the chat template once and tokenize; fields other than the prompt go to meta."""
-    out = []
+    """Apply the chat template once and tokenize (one batched call); fields other than the
+    prompt go to meta. A prompt over `data.max_prompt_tokens` is a ConfigError naming the
+    record, or, with `data.overlong_prompts=drop`, left out (the count goes to stderr)."""
+    msgs = []
     for i, row in enumerate(rows):
         if cfg.prompt_key not in row:
             raise ConfigError(f"{where} record {i}: no '{cfg.prompt_key}' field (data.prompt_key)")
-        msgs = to_messages(row[cfg.prompt_key], cfg.system_prompt, f"{where} record {i}")
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > cfg.max_prompt_tokens:
+        msgs.append(to_messages(row[cfg.prompt_key], cfg.system_prompt, f"{where} record {i}"))
+    texts = [
+        tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs
+    ]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out, dropped = [], 0
+    for i, (row, m, text, x) in enumerate(zip(rows, msgs, texts, ids, strict=True)):
+        if len(x) > cfg.max_prompt_tokens:
+            if cfg.overlong_prompts == "drop":
+                dropped += 1
+                continue
             raise ConfigError(
-                f"{where} record {i}: prompt has {len(ids)} tokens, more than "
-                f"data.max_prompt_tokens={cfg.max_prompt_tokens}"
+                f"{where} record {i}: prompt has {len(x)} tokens, more than "
+                f"data.max_prompt_tokens={cfg.max_prompt_tokens}; raise it, or set "
+                "data.overlong_prompts=drop to leave such prompts out"
             )
         meta = {k: v for k, v in row.items() if k != cfg.prompt_key}
-        out.append(Prompt(ids, text, meta, msgs))
+        out.append(Prompt(list(x), text, meta, m))
+    if dropped:
+        print(
+            f"data: left out {dropped} of {len(rows)} prompts of {where} longer than "
+            f"data.max_prompt_tokens={cfg.max_prompt_tokens} (data.overlong_prompts=drop)",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -103,9 +120,15 @@ def load_splits(cfg: DataConfig, tokenizer: Any, seed: int) -> tuple[list[Prompt
             tokenize_records(held, tokenizer, cfg, f"task {cfg.task} (eval)"),
         )
     assert cfg.path is not None
-    train = tokenize_records(read_records(cfg.path), tokenizer, cfg, cfg.path)
+    rows = read_records(cfg.path)
+    train = tokenize_records(rows, tokenizer, cfg, cfg.path)
     if not train:
-        raise ConfigError(f"{cfg.path}: no records")
+        raise ConfigError(
+            f"{cfg.path}: no records"
+            if not rows
+            else f"{cfg.path}: every prompt is longer than data.max_prompt_tokens="
+            f"{cfg.max_prompt_tokens} (data.overlong_prompts=drop left none); raise it"
+        )
     held = []
     if cfg.eval_path:
         held = tokenize_records(read_records(cfg.eval_path), tokenizer, cfg, cfg.eval_path)

@@ -117,8 +117,10 @@ class TrainerWorker:
                 critic.backbone.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs=_NO_REENTRANT
                 )
+            if t.lora.rank:  # adapters on the backbone; the value head trains in full
+                apply_lora(critic.backbone, t.lora.rank, t.lora.alpha, t.lora.targets)
             self.critic = TrainEngine(critic, t, al.critic.lr, total, device=dev)
-            if fuse:
+            if fuse and not t.lora.rank:
                 fuse_vocab_grads(self.critic.module, critic.backbone)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.version = 0
@@ -498,8 +500,9 @@ class TrainerWorker:
         with the same path, on a filesystem all ranks share; see `trainer/checkpoint.py`):
 
         - `policy/`, `critic/`: DeepSpeed checkpoints (weights, optimizer, LR schedule; one
-          ZeRO shard per rank; with `trainer.lora` the policy's adapters only); the frozen
-          reference model and a LoRA policy's base weights are rebuilt from `model.path`;
+          ZeRO shard per rank; with `trainer.lora` the adapters, and the critic's value
+          head, only); the frozen reference model and the base weights under LoRA are
+          rebuilt from `model.path`;
         - `rank<i>.pt`: this rank's version, KL coefficient and torch RNG states;
         - rank 0 only: `hf/`, the policy as a Hugging Face folder (what `rlsys export` copies),
           and `trainer.json` (`version`, `ranks`), which the controller checks against its own
