@@ -92,9 +92,7 @@ def main() -> None:
                 }
             )
         fig[f"{tag}lora_mem_ratio"] = round(mem["lora"]["peak_gb"] / mem["full"]["peak_gb"], 3)
-        fig[f"{tag}lora_trainer_speedup"] = round(
-            mem["full"]["step_s"] / mem["lora"]["step_s"], 3
-        )
+        fig[f"{tag}lora_trainer_speedup"] = round(mem["full"]["step_s"] / mem["lora"]["step_s"], 3)
 
     runs = {k: quickstart(args.steps, v) for k, v in variants.items()}
     print(f"\nquickstart, {args.steps} steps")
