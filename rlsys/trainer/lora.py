@@ -41,17 +41,23 @@ class LoRALinear(nn.Linear):
     """An `nn.Linear` whose weight (and bias) are frozen, plus a trainable rank-`rank` update.
 
     It is a subclass so that the base weight keeps its name (`...q_proj.weight`) and every
-    `isinstance(m, nn.Linear)` in the model code still holds."""
+    `isinstance(m, nn.Linear)` in the model code still holds. `base_dtype` stores the frozen
+    W in another dtype (bf16 under bf16 autocast, which rounds W to bf16 at every
+    matmul anyway: the same products, half the bytes, no cast per call); A and B keep W's
+    original dtype, and so does `merged_weight`."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, base_dtype: torch.dtype | None = None
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        w = base.weight
+        self.weight, self.bias = base.weight, base.bias  # the bias is small: kept as it is
+        if base_dtype is not None and base_dtype != w.dtype:
+            self.weight = nn.Parameter(w.detach().to(base_dtype))
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        w = base.weight
         self.lora_A = nn.Parameter(
             torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
         )
@@ -63,26 +69,37 @@ class LoRALinear(nn.Linear):
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        w = self.weight
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            w = w.to(x.dtype)  # a bf16 base outside autocast (e.g. a plain fp32 forward)
+        y = F.linear(x, w, self.bias)
         if not self.enabled:
             return y
         return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, computed in fp32 and returned in W's dtype (a new tensor)."""
+        """W + (alpha / r) B A, computed in fp32 and returned in the adapters' dtype, the
+        model's (a new tensor; a bf16-stored W enters as stored)."""
         delta = self.lora_B.float() @ self.lora_A.float()
-        return (self.weight.float() + self.scale * delta).to(self.weight.dtype)
+        return (self.weight.float() + self.scale * delta).to(self.lora_A.dtype)
 
     def extra_repr(self) -> str:
         r = self.lora_A.shape[0]
         return f"{super().extra_repr()}, lora_rank={r}, lora_scale={self.scale:g}"
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> int:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    base_dtype: torch.dtype | None = None,
+) -> int:
     """Freeze every parameter of `model` and replace each `nn.Linear` whose attribute name is
-    in `targets` by a `LoRALinear`; returns how many were replaced. Raises ConfigError when
-    none matches (the message lists the linear layers there are)."""
+    in `targets` by a `LoRALinear` (its frozen weight stored in `base_dtype`, if given);
+    returns how many were replaced. Raises ConfigError when none matches (the message lists
+    the linear layers there are)."""
     model.requires_grad_(False)
     wanted = set(targets)
     found = [
@@ -97,7 +114,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str]
             f"has {', '.join(linear_names(model))}"
         )
     for parent, name, child in found:
-        setattr(parent, name, LoRALinear(child, rank, alpha))
+        setattr(parent, name, LoRALinear(child, rank, alpha, base_dtype))
     return len(found)
 
 

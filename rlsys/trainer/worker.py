@@ -78,8 +78,14 @@ class TrainerWorker:
         model.config.use_cache = False
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_NO_REENTRANT)
+        # LoRA under bf16 autocast: the frozen base weights are rounded to bf16 at every
+        # matmul anyway, so they are stored in bf16 (the same logprobs, half the bytes, no
+        # cast per call); ZeRO-3 keeps one dtype per engine
+        lora_base = (
+            torch.bfloat16 if t.autocast_bf16 and effective_stage(t, world_size) < 3 else None
+        )
         if t.lora.rank:
-            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.targets)
+            apply_lora(model, t.lora.rank, t.lora.alpha, t.lora.targets, lora_base)
         total = self.cfg.steps * t.mini_batches
         temp, fused, kind = self.cfg.rollout.temperature, t.fused_logprob, t.logprob_backend
         dev = self.device
@@ -118,7 +124,7 @@ class TrainerWorker:
                     gradient_checkpointing_kwargs=_NO_REENTRANT
                 )
             if t.lora.rank:  # adapters on the backbone; the value head trains in full
-                apply_lora(critic.backbone, t.lora.rank, t.lora.alpha, t.lora.targets)
+                apply_lora(critic.backbone, t.lora.rank, t.lora.alpha, t.lora.targets, lora_base)
             self.critic = TrainEngine(critic, t, al.critic.lr, total, device=dev)
             if fuse and not t.lora.rank:
                 fuse_vocab_grads(self.critic.module, critic.backbone)

@@ -327,6 +327,56 @@ def test_ppo_critic_trains_adapters_and_value_head(
     assert torch.allclose(v_a, v_b, atol=1e-6)
 
 
+def test_bf16_base_under_autocast_changes_nothing_but_bytes(
+    tiny_model_path, synthetic_groups, monkeypatch
+) -> None:
+    """Under bf16 autocast the frozen base of each adapted layer is stored in bf16 (the rest
+    of the model, the adapters and the pushed weights stay fp32). Autocast rounded W to bf16
+    at every matmul anyway, so two steps give the same losses, gradient norms and adapters
+    as a worker that keeps W in fp32 (1e-6), and the state shrinks by 2 bytes per frozen
+    adapted weight. Outside autocast a bf16 base still computes in the input's dtype."""
+    import rlsys.trainer.worker as worker_mod
+    from rlsys.trainer import lora
+
+    def run(w: TrainerWorker) -> tuple[list[dict], torch.Tensor]:
+        ms = [w.train_step(synthetic_groups()) for _ in range(2)]
+        flat = [p.detach().flatten() for n, p in w.model.named_parameters() if "lora" in n]
+        return ms, torch.cat(flat)
+
+    w16 = _worker(tiny_model_path, "trainer.autocast_bf16=true")
+    adapted = lora.lora_layers(w16.model)
+    assert all(m.weight.dtype == torch.bfloat16 for m in adapted.values())
+    others = [p for n, p in w16.model.named_parameters() if n not in adapted]
+    assert others and all(p.dtype == torch.float32 for p in others)
+    ids = torch.randint(5, 300, (2, 7))
+    assert _logits(w16.model, ids).dtype == torch.float32  # a plain fp32 forward still runs
+
+    plain = lora.apply_lora
+    monkeypatch.setattr(
+        worker_mod, "apply_lora", lambda m, r, a, t, base=None: plain(m, r, a, t)
+    )
+    w32 = _worker(tiny_model_path, "trainer.autocast_bf16=true")
+    assert all(m.weight.dtype == torch.float32 for m in lora.lora_layers(w32.model).values())
+    saved = sum(m.weight.numel() for m in adapted.values()) * 2
+    assert w32.policy.state_bytes() - w16.policy.state_bytes() == saved
+
+    (m16, a16), (m32, a32) = run(w16), run(w32)
+    for a, b in zip(m16, m32, strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], abs=1e-6)
+        assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-6)
+    assert torch.allclose(a16, a32, atol=1e-6) and (a16 - a32).abs().max() < 1e-6
+    s16, s32 = w16.get_weights(), w32.get_weights()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert s16[q].dtype == torch.float32
+    # the pushed weight is the bf16-rounded base plus the same update
+    from transformers import AutoModelForCausalLM
+
+    w0 = AutoModelForCausalLM.from_pretrained(tiny_model_path).get_parameter(q).detach()
+    rounding = w0.bfloat16().float() - w0
+    assert rounding.abs().max() > 0
+    assert torch.allclose(s16[q], s32[q] + rounding, atol=1e-6)
+
+
 def test_bf16_weights_train_the_adapters_only(tiny_model_path, synthetic_groups) -> None:
     """`trainer.precision=bf16` (DeepSpeed's bf16 optimizer with fp32 masters) with LoRA: the
     frozen bf16 base stays bit-for-bit, the adapters move."""
