@@ -352,9 +352,7 @@ def test_bf16_base_under_autocast_changes_nothing_but_bytes(
     assert _logits(w16.model, ids).dtype == torch.float32  # a plain fp32 forward still runs
 
     plain = lora.apply_lora
-    monkeypatch.setattr(
-        worker_mod, "apply_lora", lambda m, r, a, t, base=None: plain(m, r, a, t)
-    )
+    monkeypatch.setattr(worker_mod, "apply_lora", lambda m, r, a, t, base=None: plain(m, r, a, t))
     w32 = _worker(tiny_model_path, "trainer.autocast_bf16=true")
     assert all(m.weight.dtype == torch.float32 for m in lora.lora_layers(w32.model).values())
     saved = sum(m.weight.numel() for m in adapted.values()) * 2
