@@ -1,7 +1,9 @@
 """`rlsys` command line: `rlsys train RECIPE [key=value ...]`, `rlsys eval ...`,
 `rlsys export CHECKPOINT OUT_DIR`.
 
-User mistakes (bad recipe, bad override, missing file) print one `error:` line and exit 2.
+User mistakes (bad recipe, bad override, missing file) print one `error:` line and exit 2;
+a run whose trainer cannot take a step (non-finite loss or gradient) prints one `error:` line
+(the step, the reason, the last checkpoint) and exits 1.
 """
 
 from __future__ import annotations
@@ -91,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
-        from rlsys.controller import train
+        from rlsys.controller import TrainingFailed, train
 
-        train(cfg, args.recipe)
+        try:
+            train(cfg, args.recipe)
+        except TrainingFailed as e:  # diverged: the message says what stays and what next
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -349,7 +349,10 @@ def _run(
             next_group += ds.pop("groups_started")
             t_gen = time.perf_counter() - t0
             t1 = time.perf_counter()
-            train_m = trainer.train_step(groups)
+            try:
+                train_m = trainer.train_step(groups)
+            except FloatingPointError as e:  # the trainer's, carried by a RayTaskError
+                raise TrainingFailed(_failure(cfg, run_dir, step, e, saved)) from None
             t_train = time.perf_counter() - t1
             version += 1
             sync_m = sched.push(version) if sched is not None else sync.push(version)
@@ -420,6 +423,29 @@ def _run(
         workers.kill()
         ray.kill(buffer)
     return summary
+
+
+class TrainingFailed(RuntimeError):
+    """The trainer could not take a step (a non-finite loss or gradient norm: the update was
+    skipped). The run stops; what it logged and checkpointed stays."""
+
+
+def _failure(cfg: RecipeConfig, run_dir, step: int, err: Exception, saved: int | None) -> str:
+    """One message: the step, the trainer's reason, and where the run can go on from."""
+    from rlsys.trainer import checkpoint
+
+    cause = getattr(err, "cause", None) or err  # RayTaskError keeps the actor's exception
+    logged = (
+        f"steps up to {step - 1} are in {Path(run_dir) / 'metrics.jsonl'}; " if step > 1 else ""
+    )
+    if saved:
+        where = (
+            f"the last checkpoint is {checkpoint.root(cfg, run_dir) / f'step-{saved}'}: change "
+            "the recipe and continue from it with resume=auto"
+        )
+    else:
+        where = "no checkpoint was saved (checkpoint.every=N saves one every N steps)"
+    return f"step {step}: {cause}. The run stopped; {logged}{where}"
 
 
 def _step_state(step: int, version: int, next_group: int, stream, buffer) -> dict[str, Any]:
