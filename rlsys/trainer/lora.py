@@ -13,7 +13,7 @@ The rest of the system sees merged weights only: `merged_weight` = W + (alpha / 
 W's name, is what the trainer pushes to the rollout engines and exports as a Hugging Face
 folder (`TrainEngine.buckets`). W itself never changes, so merging adds no rounding drift.
 The factors alone are also written in PEFT's adapter format (`save_adapter`), which PEFT's
-`PeftModel.from_pretrained` and vLLM's LoRA serving load on top of the base model.
+`PeftModel.from_pretrained` loads on top of the base model.
 There is no dropout: the ratio's old and new logprobs must come from the same deterministic
 forward.
 """
